@@ -1,0 +1,253 @@
+"""The ``onnx-lowrank`` command: parse, call the library, print, return the exit code.
+
+Exit codes: 0 success, 1 failure (bad model file, check failed, internal error), 2 usage error
+(impossible option, output equal to input). Errors are one line on stderr, never a traceback
+(``--verbose`` or ``ONNX_LOWRANK_DEBUG=1`` shows it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from . import __version__
+from .api import default_model_path, optimize
+from .config import CONV_SCHEMES, METHODS, ConfigError, LowRankConfig
+from .model_io import ModelError, check_output_path, model_file_size, save_model
+
+__all__ = ["main", "build_parser", "config_from_args"]
+
+logger = logging.getLogger("onnx_lowrank")
+
+
+class UsageError(Exception):
+    """A bad combination of arguments: exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line (and exit code 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options that build a :class:`LowRankConfig` (shared by ``optimize`` and ``demo``)."""
+    g = parser.add_argument_group("rank policy (choose one; default --ratio 0.5)")
+    policy = g.add_mutually_exclusive_group()
+    policy.add_argument("--rank", type=_positive_int, metavar="K", help="fixed rank K for every layer (clamped to min(m, n))")
+    policy.add_argument("--ratio", type=_fraction, metavar="F", help="keep fraction F of each layer's parameters, 0 < F <= 1")
+    policy.add_argument("--energy", type=_fraction, metavar="E", help="keep fraction E of each layer's squared singular values, 0 < E <= 1")
+    g.add_argument("--multiple-of", type=_positive_int, metavar="N",
+                   help="round ranks up to a multiple of N (down if up reaches break-even); default 1, 16 for Conv")
+    g.add_argument("--force", action="store_true",
+                   help="factorize even when the rank saves no parameters (rank clamped to min(m, n))")
+    f = parser.add_argument_group("factorization")
+    f.add_argument("--method", choices=METHODS, default="rsi",
+                   help="rsi: randomized subspace iteration (default); rsvd: no power iterations; svd: exact LAPACK SVD")
+    f.add_argument("--power-iters", type=_positive_int, default=2, metavar="Q", help="RSI power iterations (default 2)")
+    f.add_argument("--oversample", type=_positive_int, default=10, metavar="P", help="extra sketch columns (default 10)")
+    f.add_argument("--seed", type=_positive_int, default=0, metavar="S", help="random seed; same seed, same bytes (default 0)")
+    f.add_argument("--conv-scheme", choices=CONV_SCHEMES, default="weight-svd", help="how Conv weights are factorized (default weight-svd)")
+    t = parser.add_argument_group("which layers")
+    t.add_argument("--op-types", default="MatMul,Gemm,Conv", metavar="LIST", help="comma-separated op types (default MatMul,Gemm,Conv)")
+    t.add_argument("--include", action="append", default=[], metavar="REGEX", help="only layers whose node or weight name matches (repeatable)")
+    t.add_argument("--exclude", action="append", default=[], metavar="REGEX", help="leave layers whose node or weight name matches dense (repeatable)")
+    t.add_argument("--min-params", type=_positive_int, default=0, metavar="N", help="leave layers with fewer than N weight parameters dense")
+
+
+def config_from_args(args: argparse.Namespace) -> LowRankConfig:
+    """The :class:`LowRankConfig` described by parsed command-line options."""
+    return LowRankConfig(
+        method=args.method,
+        rank=args.rank,
+        ratio=args.ratio,
+        energy=args.energy,
+        power_iters=args.power_iters,
+        oversample=args.oversample,
+        seed=args.seed,
+        force=args.force,
+        multiple_of=args.multiple_of,
+        min_params=args.min_params,
+        include=tuple(args.include),
+        exclude=tuple(args.exclude),
+        op_types=tuple(t.strip() for t in args.op_types.split(",") if t.strip()),
+        conv_scheme=args.conv_scheme,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="onnx-lowrank",
+        description="Make ONNX models smaller and faster by low-rank factorization of MatMul, Gemm "
+        "and Conv weights, and measure what it cost with onnxruntime.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    opt = sub.add_parser("optimize", help="factorize a model's weights and write the result",
+                         description="Factorize the constant weights of MatMul/Gemm/Conv nodes of IN and write OUT. "
+                         "Prints one row per candidate layer (rank, parameters, error, or why it was skipped).")
+    opt.add_argument("input", metavar="IN", help="input .onnx model (external data next to it is read)")
+    opt.add_argument("output", metavar="OUT", help="output .onnx path (never the input; written atomically)")
+    add_config_arguments(opt)
+    _add_output_arguments(opt)
+    opt.set_defaults(func=_run_optimize)
+
+    demo = sub.add_parser("demo", help="optimize the bundled digits model and report held-out accuracy",
+                          description="Run optimize on the small real model shipped with onnx-lowrank (an MLP trained "
+                          "on scikit-learn's digits) and compare held-out accuracy before and after.")
+    demo.add_argument("--output", metavar="OUT", help="where to write the optimized model (default: a temporary directory)")
+    add_config_arguments(demo)
+    _add_output_arguments(demo)
+    demo.set_defaults(func=_run_demo)
+
+    try:
+        from .bench_cli import add_bench_arguments, run_bench
+    except ImportError:  # pragma: no cover - only while the harness module is absent
+        pass
+    else:
+        bench = sub.add_parser("bench", help="compare models with onnxruntime: accuracy, latency, size, mobile readiness",
+                               description="Measure what compression cost and bought: accuracy of each COMPRESSED model "
+                               "against ORIGINAL, latency (interleaved runs, medians), size, FLOPs and mobile readiness.")
+        add_bench_arguments(bench)
+        bench.set_defaults(func=run_bench)
+    return parser
+
+
+def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    o = parser.add_argument_group("output")
+    o.add_argument("--report", metavar="PATH.json", help="write the per-layer report as JSON")
+    o.add_argument("--json", action="store_true", help="print the report as JSON on stdout instead of the table")
+    o.add_argument("--quiet", action="store_true", help="print nothing on success")
+    o.add_argument("--verbose", "-v", action="store_true", help="log progress details (and tracebacks) on stderr")
+
+
+def _optimize_to(input_path: str | Path, output: str | Path, args: argparse.Namespace):
+    config = config_from_args(args)
+    progress = not args.quiet and sys.stderr.isatty()
+    model, report = optimize(input_path, config, progress=progress)
+    start = time.perf_counter()
+    save_model(model, output, input_path=input_path)
+    report.seconds["save"] = time.perf_counter() - start
+    report.output_path = str(output)
+    report.size_after = model_file_size(output)
+    return report
+
+
+def _emit(report, args: argparse.Namespace, extra: dict | None = None) -> None:
+    data = report.to_dict()
+    if extra:
+        data.update(extra)
+    if args.report:
+        tmp = Path(args.report).with_name(f".{Path(args.report).name}.tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, args.report)
+    if args.json:
+        print(json.dumps(data, indent=2))
+    elif not args.quiet:
+        print(report.format_table())
+
+
+def _run_optimize(args: argparse.Namespace) -> int:
+    config_from_args(args)  # usage errors before touching any file
+    try:
+        check_output_path(args.output, args.input)
+    except ModelError as exc:
+        if "is the input model" in str(exc):
+            raise UsageError(str(exc)) from None
+        raise
+    if args.report:
+        check_output_path(args.report, args.input)
+    report = _optimize_to(args.input, args.output, args)
+    _emit(report, args)
+    return 0
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    model_path = default_model_path()
+    data = np.load(model_path.with_name("digits_heldout.npz"))
+    with tempfile.TemporaryDirectory(prefix="onnx-lowrank-demo-") as tmp:
+        output = Path(args.output) if args.output else Path(tmp) / "digits_mlp.lowrank.onnx"
+        report = _optimize_to(model_path, output, args)
+        before = _heldout_accuracy(model_path, data["pixels"], data["labels"])
+        after = _heldout_accuracy(output, data["pixels"], data["labels"])
+        _emit(report, args, {"heldout_accuracy": {"original": before, "optimized": after, "samples": int(len(data["labels"]))}})
+    if not args.quiet and not args.json:
+        print(f"\nheld-out accuracy on {len(data['labels'])} digits images: "
+              f"original {before:.4f} -> optimized {after:.4f} ({after - before:+.4f})")
+        if args.output:
+            print(f"optimized model written to {args.output}")
+    return 0
+
+
+def _heldout_accuracy(path: Path, pixels, labels) -> float:
+    import numpy as np
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {session.get_inputs()[0].name: pixels})[0]
+    return float(np.mean(np.argmax(logits, axis=1) == labels))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``onnx-lowrank`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    verbose = getattr(args, "verbose", False) or os.environ.get("ONNX_LOWRANK_DEBUG") == "1"
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, UsageError) as exc:
+        return _fail(parser, args, exc, 2, verbose)
+    except ModelError as exc:
+        return _fail(parser, args, exc, 1, verbose)
+    except KeyboardInterrupt:
+        print("onnx-lowrank: interrupted; no output was written", file=sys.stderr)
+        return 130
+    except Exception as exc:  # the promise is one line, never a traceback
+        if verbose:
+            raise
+        print(f"onnx-lowrank {args.command}: internal error: {type(exc).__name__}: {exc} "
+              "(rerun with --verbose for the traceback and please report it)", file=sys.stderr)
+        return 1
+
+
+def _fail(parser: argparse.ArgumentParser, args: argparse.Namespace, exc: Exception, code: int, verbose: bool) -> int:
+    if verbose:
+        logger.exception("failed")
+    print(f"onnx-lowrank {args.command}: error: {exc}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

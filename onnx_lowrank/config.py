@@ -1,0 +1,158 @@
+"""The one frozen configuration shared by the CLI, the Python API and the graph pass."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["ConfigError", "LowRankConfig", "METHODS", "OP_TYPES", "CONV_SCHEMES"]
+
+METHODS = ("rsi", "rsvd", "svd")
+OP_TYPES = ("MatMul", "Gemm", "Conv")
+CONV_SCHEMES = ("weight-svd", "spatial-svd", "tucker2")
+
+#: Used when the caller names no rank policy: keep half of every layer's parameters. It is the
+#: design card's headline example and a predictable starting point; energy would hide how much
+#: is removed.
+DEFAULT_RATIO = 0.5
+
+
+class ConfigError(ValueError):
+    """An impossible option value; the message says which option and what is allowed."""
+
+
+@dataclass(frozen=True)
+class LowRankConfig:
+    """What to factorize and how.
+
+    Parameters
+    ----------
+    method : {"rsi", "rsvd", "svd"}
+        Factorization: randomized subspace iteration (default), randomized SVD without power
+        iterations, or the exact LAPACK SVD.
+    rank : int, optional
+        Fixed rank for every layer (clamped to ``min(m, n)``).
+    ratio : float, optional
+        Keep this fraction of each layer's parameters, ``0 < ratio <= 1``.
+    energy : float, optional
+        Keep this fraction of each layer's squared singular values, ``0 < energy <= 1``.
+        At most one of ``rank``, ``ratio``, ``energy``; with none, ``ratio=0.5``.
+    power_iters : int
+        Power iterations ``q`` of RSI (ignored by ``rsvd`` and ``svd``).
+    oversample : int
+        Extra sketch columns ``p`` of the randomized methods.
+    seed : int
+        Seed of the random sketch; the same seed gives byte-identical output.
+    force : bool
+        Factorize layers even when the rank does not reduce parameters (rank clamped to
+        ``min(m, n)``); how exactness at full rank is checked.
+    multiple_of : int, optional
+        Round ranks up to a multiple of this (down when rounding up would reach the break-even
+        rank). ``None`` means 1 for MatMul/Gemm and 16 for Conv where that stays profitable.
+    min_params : int
+        Leave layers with fewer weight parameters than this dense.
+    include, exclude : tuple of str
+        Regular expressions matched (``re.search``) against node and weight names. A layer is
+        a target when it matches some ``include`` (or ``include`` is empty) and no ``exclude``.
+    op_types : tuple of str
+        Operator families to consider.
+    conv_scheme : {"weight-svd", "spatial-svd", "tucker2"}
+        How Conv weights are factorized.
+    """
+
+    method: str = "rsi"
+    rank: int | None = None
+    ratio: float | None = None
+    energy: float | None = None
+    power_iters: int = 2
+    oversample: int = 10
+    seed: int = 0
+    force: bool = False
+    multiple_of: int | None = None
+    min_params: int = 0
+    include: tuple[str, ...] = field(default_factory=tuple)
+    exclude: tuple[str, ...] = field(default_factory=tuple)
+    op_types: tuple[str, ...] = OP_TYPES
+    conv_scheme: str = "weight-svd"
+
+    def __post_init__(self) -> None:
+        # Accept lists from callers but store tuples so the config stays hashable and frozen.
+        for name in ("include", "exclude", "op_types"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = (value,)
+            object.__setattr__(self, name, tuple(value))
+        self._validate()
+
+    def _validate(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        policies = [n for n in ("rank", "ratio", "energy") if getattr(self, n) is not None]
+        if len(policies) > 1:
+            raise ConfigError(
+                f"choose one rank policy, got {' and '.join('--' + p for p in policies)}"
+            )
+        if self.rank is not None and (not _is_int(self.rank) or self.rank < 1):
+            raise ConfigError(f"--rank must be a positive integer, got {self.rank!r}")
+        if self.ratio is not None and not (_is_real(self.ratio) and 0.0 < self.ratio <= 1.0):
+            raise ConfigError(
+                f"--ratio must be in (0, 1] (the fraction of each layer's parameters to keep), "
+                f"got {self.ratio!r}"
+            )
+        if self.energy is not None and not (_is_real(self.energy) and 0.0 < self.energy <= 1.0):
+            raise ConfigError(
+                f"--energy must be in (0, 1] (the fraction of squared singular values to keep), "
+                f"got {self.energy!r}"
+            )
+        if not _is_int(self.power_iters) or self.power_iters < 0:
+            raise ConfigError(f"--power-iters must be an integer >= 0, got {self.power_iters!r}")
+        if not _is_int(self.oversample) or self.oversample < 0:
+            raise ConfigError(f"--oversample must be an integer >= 0, got {self.oversample!r}")
+        if not _is_int(self.seed) or self.seed < 0:
+            raise ConfigError(f"--seed must be an integer >= 0, got {self.seed!r}")
+        if self.multiple_of is not None and (not _is_int(self.multiple_of) or self.multiple_of < 1):
+            raise ConfigError(f"--multiple-of must be a positive integer, got {self.multiple_of!r}")
+        if not _is_int(self.min_params) or self.min_params < 0:
+            raise ConfigError(f"--min-params must be an integer >= 0, got {self.min_params!r}")
+        unknown = [t for t in self.op_types if t not in OP_TYPES]
+        if unknown or not self.op_types:
+            raise ConfigError(
+                f"--op-types takes a comma-separated subset of {','.join(OP_TYPES)}, "
+                f"got {','.join(self.op_types) or 'nothing'}"
+            )
+        if self.conv_scheme not in CONV_SCHEMES:
+            raise ConfigError(
+                f"--conv-scheme must be one of {', '.join(CONV_SCHEMES)}, got {self.conv_scheme!r}"
+            )
+        for option, patterns in (("--include", self.include), ("--exclude", self.exclude)):
+            for pattern in patterns:
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise ConfigError(f"{option} {pattern!r} is not a valid regular expression: {exc}") from None
+
+    @property
+    def policy(self) -> tuple[str, float]:
+        """The rank policy in force as ``(name, value)``: rank, ratio (the default) or energy."""
+        if self.rank is not None:
+            return "rank", self.rank
+        if self.energy is not None:
+            return "energy", self.energy
+        return "ratio", self.ratio if self.ratio is not None else DEFAULT_RATIO
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON view of the configuration (used in reports)."""
+        data = asdict(self)
+        for key in ("include", "exclude", "op_types"):
+            data[key] = list(data[key])
+        data["policy"] = list(self.policy)
+        return data
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value

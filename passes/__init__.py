@@ -1,0 +1,239 @@
+"""The low-rank graph pass: find factorizable nodes, choose ranks, factorize, rewrite, clean up.
+
+The driver walks the top-level graph once. Each op family lives in its own module
+(``matmul``, ``gemm``, ``conv``) that turns one node into a :class:`~.graph.Candidate` or a
+reason to leave it alone; this module applies the user's filters and rank policy, factorizes
+each distinct weight once (nodes sharing a weight share its factors), splices the new nodes in
+place of the old ones (so topological order holds) and removes weights nobody reads any more.
+
+Every MatMul/Gemm/Conv node that is not factorized gets a row with the reason, including those
+inside If/Loop/Scan bodies and local functions, which are left intact.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+import onnx
+from tqdm.auto import tqdm
+
+from onnx_lowrank.config import LowRankConfig
+from onnx_lowrank.ranks import select_rank
+from onnx_lowrank.report import LayerResult
+
+from .gemm import match_gemm
+from .graph import QUANTIZED_OPS, Candidate, GraphContext, Rewrite, subgraph_nodes
+from .matmul import match_matmul
+
+__all__ = ["apply_lowrank", "MATCHERS", "FAMILIES"]
+
+logger = logging.getLogger(__name__)
+
+Matcher = Callable[[onnx.NodeProto, str, GraphContext, LowRankConfig], "Candidate | str"]
+
+#: op type -> module hook turning a node into a candidate (or a reason).
+MATCHERS: dict[str, Matcher] = {"MatMul": match_matmul, "Gemm": match_gemm}
+try:  # Conv support lives in its own module; see passes/conv.py
+    from .conv import match_conv
+
+    MATCHERS["Conv"] = match_conv
+except ImportError:  # pragma: no cover - only while conv.py is absent
+    pass
+
+FAMILIES = ("MatMul", "Gemm", "Conv")
+
+# Our own output: nodes named "<node>/lowrank_a|b[_k]". Factorizing them again would only stack
+# error, so a second run leaves them alone.
+_OWN_NODE = re.compile(r"/lowrank_[a-z](_\d+)?$")
+
+
+def apply_lowrank(
+    model: onnx.ModelProto, config: LowRankConfig, *, progress: bool = False
+) -> list[LayerResult]:
+    """Factorize the model's eligible weights in place.
+
+    Parameters
+    ----------
+    model : onnx.ModelProto
+        Modified in place (callers that must keep the original pass a copy).
+    config : LowRankConfig
+        Targets, rank policy and method.
+    progress : bool
+        Show a progress bar on stderr while factorizing.
+
+    Returns
+    -------
+    list of LayerResult
+        One row per MatMul/Gemm/Conv (and quantized matrix op) node, in graph order.
+    """
+    ctx = GraphContext(model)
+    rows: list[LayerResult] = []
+    selected: list[tuple[Candidate, int, LayerResult]] = []
+
+    for index, node in enumerate(model.graph.node):
+        label = GraphContext.node_label(node, index)
+        if node.op_type in QUANTIZED_OPS:
+            rows.append(LayerResult(label, node.op_type, "skipped", reason="quantized operator: left alone"))
+            continue
+        if node.op_type not in FAMILIES or node.domain not in ("", "ai.onnx"):
+            continue
+        row, chosen = _consider(node, label, ctx, config)
+        rows.append(row)
+        if chosen is not None:
+            selected.append((chosen[0], chosen[1], row))
+
+    for owner, inner in subgraph_nodes(model.graph):
+        if inner.op_type in FAMILIES:
+            rows.append(LayerResult(inner.name or inner.op_type, inner.op_type, "skipped",
+                                    reason=f"inside the subgraph of {owner!r}: subgraphs are left intact"))
+    for function in model.functions:
+        for inner in function.node:
+            if inner.op_type in FAMILIES:
+                rows.append(LayerResult(inner.name or inner.op_type, inner.op_type, "skipped",
+                                        reason=f"inside local function {function.name!r}: functions are left intact"))
+
+    rewrites = _factorize_all(selected, ctx, config, progress)
+    if rewrites:
+        _splice(model, rewrites)
+        _remove_orphans(model, [cand for cand, _, _ in selected])
+    return rows
+
+
+def _consider(
+    node: onnx.NodeProto, label: str, ctx: GraphContext, config: LowRankConfig
+) -> tuple[LayerResult, tuple[Candidate, int] | None]:
+    op = node.op_type
+    row = LayerResult(label, op, "skipped")
+    if _OWN_NODE.search(node.name):
+        row.reason = "already a low-rank factor (made by onnx-lowrank)"
+        return row, None
+    if op not in config.op_types:
+        row.reason = f"op type {op} not selected (--op-types {','.join(config.op_types)})"
+        return row, None
+    matcher = MATCHERS.get(op)
+    if matcher is None:
+        row.reason = f"{op} is not supported by this installation"
+        return row, None
+    found = matcher(node, label, ctx, config)
+    if isinstance(found, str):
+        row.reason = found
+        return row, None
+    cand = found
+    row.weight = cand.weight.name
+    row.shape = cand.shape
+    row.params_before = cand.params_before
+    row.scheme = cand.scheme
+    names = (label, cand.weight.name, cand.weight.source)
+    if config.include and not any(re.search(p, n) for p in config.include for n in names):
+        row.reason = f"not matched by --include {' '.join(config.include)}"
+        return row, None
+    hit = next((p for p in config.exclude for n in names if re.search(p, n)), None)
+    if hit is not None:
+        row.reason = f"excluded by --exclude {hit}"
+        return row, None
+    if cand.params_before < config.min_params:
+        row.reason = f"{cand.params_before} parameters < --min-params {config.min_params}"
+        return row, None
+    choice = select_rank(
+        config,
+        params_before=cand.params_before,
+        max_rank=cand.max_rank,
+        factored_params=cand.factored_params,
+        spectrum=cand.spectrum,
+        default_multiple_of=cand.default_multiple_of,
+    )
+    row.break_even_rank = choice.break_even
+    row.note = choice.note
+    if choice.rank is None:
+        row.reason = choice.reason
+        return row, None
+    return row, (cand, choice.rank)
+
+
+def _factorize_all(
+    selected: list[tuple[Candidate, int, LayerResult]],
+    ctx: GraphContext,
+    config: LowRankConfig,
+    progress: bool,
+) -> dict[int, Rewrite]:
+    """Factorize each distinct (weight, view, rank) once and build every node's rewrite."""
+    cache: dict[tuple[Any, int], tuple[Any, dict[str, str], float]] = {}
+    rewrites: dict[int, Rewrite] = {}
+    bar = tqdm(selected, desc="factorizing", unit="layer", disable=not progress, leave=False)
+    for cand, rank, row in bar:
+        bar.set_postfix_str(row.node[-40:], refresh=False)
+        key = (cand.share_key, rank)
+        if key not in cache:
+            start = time.perf_counter()
+            factors = cand.factorize(rank, config)
+            error = cand.relative_error(factors)
+            logger.debug("%s: rank %d in %.3fs, error %.4g", row.node, rank, time.perf_counter() - start, error)
+            cache[key] = (factors, {}, error)
+        else:
+            logger.info("%s shares weight %r: reusing its factors", row.node, cand.weight.name)
+        factors, names, error = cache[key]
+        rewrites[id(cand.node)] = cand.rewrite(ctx, factors, names)
+        row.status = "factorized"
+        row.rank = rank
+        row.params_after = cand.factored_params(rank)
+        row.rel_error = error
+        row.optimal_error = cand.optimal_error(rank)
+    bar.close()
+    return rewrites
+
+
+def _splice(model: onnx.ModelProto, rewrites: dict[int, Rewrite]) -> None:
+    graph = model.graph
+    nodes: list[onnx.NodeProto] = []
+    initializers: list[onnx.TensorProto] = []
+    for node in graph.node:
+        rewrite = rewrites.get(id(node))
+        if rewrite is None:
+            nodes.append(node)
+        else:
+            nodes.extend(rewrite.nodes)
+            initializers.extend(rewrite.initializers)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(initializers)
+
+
+def _remove_orphans(model: onnx.ModelProto, candidates: list[Candidate]) -> None:
+    """Drop the replaced weights, and the Constant/Identity/Transpose/Cast nodes feeding them,
+    once nothing reads them; leave everything else in the model as it was."""
+    ctx = GraphContext(model)
+    pending = [cand.weight.name for cand in candidates]
+    removed_nodes: set[int] = set()
+    removed_inits: set[str] = set()
+    gone: set[str] = set()
+    while pending:
+        name = pending.pop()
+        if ctx.is_used_elsewhere(name, removed_nodes) or name in ctx.graph_inputs:
+            continue
+        if name in ctx.initializers:
+            removed_inits.add(name)
+            continue
+        producer = ctx.producers.get(name)
+        if producer is None or id(producer) in removed_nodes:
+            continue
+        if producer.op_type in ("Constant", "Identity", "Transpose", "Cast") and len(producer.output) == 1:
+            removed_nodes.add(id(producer))
+            gone.update(producer.output)
+            pending.extend(i for i in producer.input if i)
+    if removed_nodes:
+        kept = [n for n in model.graph.node if id(n) not in removed_nodes]
+        del model.graph.node[:]
+        model.graph.node.extend(kept)
+    if removed_inits:
+        kept_inits = [t for t in model.graph.initializer if t.name not in removed_inits]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(kept_inits)
+    gone |= removed_inits
+    if gone:
+        kept_vi = [v for v in model.graph.value_info if v.name not in gone]
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(kept_vi)

@@ -1,0 +1,94 @@
+"""Factorize Gemm nodes (``Y = alpha * op(A) @ op(B) + beta * C``) with one constant operand.
+
+Cases handled
+-------------
+* Constant B (a PyTorch ``Linear`` exports ``transB=1``): the matrix view is ``op(B)`` (K x N),
+  factorized as ``F1 (K x r) @ F2 (r x N)``; the node becomes
+  ``Gemm(X, F1, transA, alpha) -> Gemm(., F2, C, beta)``.
+* Constant A (weight on the left): view ``op(A)`` (M x K) ``= F1 @ F2``; the node becomes
+  ``Gemm(F2, X, transB, alpha) -> Gemm(F1, ., C, beta)``.
+* Every ``transA``/``transB``/``alpha``/``beta`` combination; ``C`` absent, scalar, vector or
+  matrix (it stays on the second node, whose output has the original shape, so broadcasting is
+  unchanged). Factors keep the original storage orientation: with ``transB=1`` they are stored
+  transposed, as the weight was.
+
+Left alone, with a reason: both operands constant, weight not constant / not 2-D / not float,
+and opsets below 11 (``C`` was mandatory, so the first node could not be a Gemm).
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx import helper
+
+from onnx_lowrank.config import LowRankConfig
+
+from .graph import Candidate, ConstantWeight, GraphContext, Rewrite, attr
+from .matmul import check_weight
+
+__all__ = ["GemmCandidate", "match_gemm"]
+
+
+class GemmCandidate(Candidate):
+    """A Gemm with constant ``B`` (``side="right"``) or constant ``A`` (``side="left"``)."""
+
+    def __init__(self, node: onnx.NodeProto, label: str, weight: ConstantWeight, side: str) -> None:
+        self.side = side
+        self.trans_a = int(attr(node, "transA", 0))
+        self.trans_b = int(attr(node, "transB", 0))
+        self.alpha = float(attr(node, "alpha", 1.0))
+        self.beta = float(attr(node, "beta", 1.0))
+        transposed = self.trans_b if side == "right" else self.trans_a
+        matrix = weight.value.T if transposed else weight.value
+        super().__init__(node, label, weight, matrix, view="T" if transposed else "")
+        self.transposed = bool(transposed)
+
+    def rewrite(self, ctx: GraphContext, factors, names: dict[str, str]) -> Rewrite:
+        # Keep the weight's storage orientation: op(stored) must equal the factor.
+        a, b = (factors.a.T, factors.b.T) if self.transposed else (factors.a, factors.b)
+        inits = self.factor_initializers(ctx, {"a": a, "b": b}, names)
+        hidden = ctx.unique(f"{self.label}/lowrank_hidden")
+        c = list(self.node.input[2:3]) if len(self.node.input) > 2 and self.node.input[2] else []
+        t = int(self.transposed)
+        if self.side == "right":
+            x = self.node.input[0]
+            first = _gemm([x, names["a"]], hidden, transA=self.trans_a, transB=t, alpha=self.alpha)
+            second = _gemm([hidden, names["b"], *c], self.node.output[0], transB=t, beta=self.beta)
+        else:
+            x = self.node.input[1]
+            first = _gemm([names["b"], x], hidden, transA=t, transB=self.trans_b, alpha=self.alpha)
+            second = _gemm([names["a"], hidden, *c], self.node.output[0], transA=t, beta=self.beta)
+        first.name = ctx.unique(f"{self.label}/lowrank_a")
+        second.name = ctx.unique(f"{self.label}/lowrank_b")
+        return Rewrite([first, second], inits)
+
+
+def _gemm(inputs: list[str], output: str, **attrs: float) -> onnx.NodeProto:
+    # Attributes at their default value are omitted, as exporters do.
+    defaults = {"transA": 0, "transB": 0, "alpha": 1.0, "beta": 1.0}
+    kept = {k: v for k, v in attrs.items() if v != defaults[k]}
+    if "beta" in kept and len(inputs) < 3:
+        del kept["beta"]  # beta without C means nothing
+    return helper.make_node("Gemm", inputs, [output], **kept)
+
+
+def match_gemm(node: onnx.NodeProto, label: str, ctx: GraphContext, config: LowRankConfig) -> Candidate | str:
+    """A candidate for a Gemm node, or the reason it is left alone."""
+    opset = next((o.version for o in ctx.model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 11:
+        return f"Gemm in opset {opset} (< 11) requires C on every node: left alone"
+    if len(node.input) < 2:
+        return "Gemm without two inputs"
+    left, right = ctx.constant(node.input[0]), ctx.constant(node.input[1])
+    if left is not None and right is not None:
+        return "both inputs are constants (constant-foldable): left alone"
+    if right is not None:
+        weight, side = right, "right"
+    elif left is not None:
+        weight, side = left, "left"
+    else:
+        return ctx.why_not_constant(node.input[1])
+    reason = check_weight(weight)
+    if reason:
+        return reason
+    return GemmCandidate(node, label, weight, side)

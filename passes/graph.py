@@ -1,0 +1,347 @@
+"""What every op module needs from the graph: constants, consumers, fresh names, and the candidate type.
+
+An op module (``matmul``, ``gemm``, ``conv``) looks at one node and either returns a
+:class:`Candidate` (a matrix view of its constant weight plus how to rewrite the node from
+factors) or a one-line reason why the node is left alone. The driver in ``__init__`` owns rank
+selection, factorization, sharing factors between nodes and cleanup.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from onnx_lowrank import linalg
+from onnx_lowrank.config import LowRankConfig
+
+__all__ = [
+    "Candidate",
+    "ConstantWeight",
+    "GraphContext",
+    "Rewrite",
+    "FLOAT_TYPES",
+    "QUANTIZED_OPS",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Weight element types we factorize. Half types are factorized in float32 and stored back.
+FLOAT_TYPES = {
+    onnx.TensorProto.FLOAT: np.float32,
+    onnx.TensorProto.FLOAT16: np.float32,
+    onnx.TensorProto.BFLOAT16: np.float32,
+    onnx.TensorProto.DOUBLE: np.float64,
+}
+
+#: Ops of quantized models. Their weights are integers with scales; low rank would need
+#: re-quantization, so they are reported and left alone.
+QUANTIZED_OPS = {"MatMulInteger", "QLinearMatMul", "QLinearConv", "ConvInteger", "MatMulNBits",
+                 "QGemm", "DynamicQuantizeMatMul"}
+
+# Nodes that pass a constant through unchanged in value (Identity) or in a way we can replay
+# on the array (Transpose, Cast): exporters put weights behind them.
+_PASS_THROUGH = {"Identity", "Transpose", "Cast"}
+
+
+@dataclass(frozen=True)
+class ConstantWeight:
+    """A weight input resolved to its value.
+
+    ``source`` names the initializer or Constant output that holds the data; ``chain`` the
+    Identity/Transpose/Cast nodes between it and the consuming node (outermost last).
+    """
+
+    name: str
+    source: str
+    value: np.ndarray
+    elem_type: int
+    chain: tuple[str, ...] = ()
+
+
+@dataclass
+class Rewrite:
+    """Nodes that replace one node, and the initializers they need."""
+
+    nodes: list[onnx.NodeProto]
+    initializers: list[onnx.TensorProto] = field(default_factory=list)
+
+
+class GraphContext:
+    """Read-only index of the top-level graph plus a generator of unique names."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        graph = model.graph
+        self.graph = graph
+        self.initializers: dict[str, onnx.TensorProto] = {t.name: t for t in graph.initializer}
+        self.graph_inputs = {i.name for i in graph.input}
+        self.graph_outputs = {o.name for o in graph.output}
+        self.producers: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for node in graph.node:
+            for out in node.output:
+                if out:
+                    self.producers[out] = node
+            for inp in node.input:
+                if inp:
+                    self.consumers[inp].append(node)
+        # Names read inside If/Loop/Scan bodies (outer-scope captures) and local functions:
+        # a tensor referenced there must never be removed.
+        self.subgraph_refs: set[str] = set()
+        self._names: set[str] = set()
+        for g in _all_graphs(graph):
+            self._names.update(n.name for n in g.node)
+            self._names.update(o for n in g.node for o in n.output)
+            self._names.update(t.name for t in g.initializer)
+            self._names.update(v.name for v in list(g.input) + list(g.output) + list(g.value_info))
+            if g is not graph:
+                self.subgraph_refs.update(i for n in g.node for i in n.input)
+        self._cache: dict[str, ConstantWeight | None] = {}
+
+    # -- names ---------------------------------------------------------------------------
+    def unique(self, base: str) -> str:
+        """A name not used anywhere in the model, derived from ``base``."""
+        name, i = base, 1
+        while name in self._names:
+            name = f"{base}_{i}"
+            i += 1
+        self._names.add(name)
+        return name
+
+    @staticmethod
+    def node_label(node: onnx.NodeProto, index: int) -> str:
+        """The node's name, or ``<op_type>_<index>`` for unnamed nodes (common in hand-made graphs)."""
+        return node.name or f"{node.op_type}_{index}"
+
+    # -- constants -----------------------------------------------------------------------
+    def constant(self, name: str) -> ConstantWeight | None:
+        """Resolve a tensor name to a constant value, or ``None`` if it is not constant."""
+        if name not in self._cache:
+            self._cache[name] = self._resolve(name, depth=0)
+        return self._cache[name]
+
+    def _resolve(self, name: str, depth: int) -> ConstantWeight | None:
+        if depth > 8 or not name:  # guards against pathological chains
+            return None
+        if name in self.initializers:
+            if name in self.graph_inputs:
+                return None  # an initializer that is also an input can be overridden at run time
+            t = self.initializers[name]
+            return ConstantWeight(name, name, numpy_helper.to_array(t), t.data_type)
+        node = self.producers.get(name)
+        if node is None:
+            return None
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            tensor = _constant_tensor(node)
+            if tensor is None:
+                return None
+            return ConstantWeight(name, name, numpy_helper.to_array(tensor), tensor.data_type)
+        if node.op_type in _PASS_THROUGH and node.domain in ("", "ai.onnx") and node.input:
+            inner = self._resolve(node.input[0], depth + 1)
+            if inner is None:
+                return None
+            value, elem_type = inner.value, inner.elem_type
+            if node.op_type == "Transpose":
+                perm = _attr(node, "perm", None)
+                value = np.transpose(value, perm)
+            elif node.op_type == "Cast":
+                elem_type = int(_attr(node, "to", elem_type))
+                value = value.astype(helper.tensor_dtype_to_np_dtype(elem_type))
+            return ConstantWeight(name, inner.source, value, elem_type, inner.chain + (node.name or name,))
+        return None
+
+    def why_not_constant(self, name: str) -> str:
+        """One-line reason a weight input is not a usable constant."""
+        if name in self.graph_inputs:
+            return f"weight {name!r} is a graph input (not a constant)"
+        node = self.producers.get(name)
+        if node is None:
+            return f"weight {name!r} is not produced in this graph (outer-scope value)"
+        if node.op_type == "DequantizeLinear":
+            return f"weight {name!r} comes from DequantizeLinear (quantized model): left alone"
+        return f"weight {name!r} is computed at run time by {node.op_type} node {node.name!r}"
+
+    def is_used_elsewhere(self, name: str, exclude: set[int]) -> bool:
+        """Whether ``name`` is read by a node other than those whose ``id`` is in ``exclude``."""
+        if name in self.graph_outputs or name in self.subgraph_refs:
+            return True
+        return any(id(n) not in exclude for n in self.consumers.get(name, ()))
+
+
+class Candidate:
+    """A node whose constant weight has a matrix view ``W (m x n)`` ready to factorize.
+
+    Op modules subclass this and implement :meth:`rewrite`. The default factorization is
+    ``W ~= A @ B`` by :func:`onnx_lowrank.linalg.factorize`; schemes with other factor shapes
+    (Tucker-2) override :meth:`factored_params`, :meth:`factorize` and :meth:`relative_error`.
+
+    Parameters
+    ----------
+    node, label : the node and its display name
+    weight : ConstantWeight
+        The resolved constant.
+    matrix : ndarray
+        The matrix view in the compute dtype (float32, or float64 for double weights).
+    view : str
+        Tag of how ``matrix`` derives from the weight (``""``, ``"T"``, ...): nodes that share a
+        weight and a view share the factors.
+    """
+
+    scheme: str = "svd"
+
+    def __init__(
+        self,
+        node: onnx.NodeProto,
+        label: str,
+        weight: ConstantWeight,
+        matrix: np.ndarray,
+        *,
+        view: str = "",
+    ) -> None:
+        self.node = node
+        self.label = label
+        self.weight = weight
+        compute = FLOAT_TYPES[weight.elem_type]
+        self.matrix = np.ascontiguousarray(matrix, dtype=compute)
+        self.view = view
+        self._spectrum: tuple[np.ndarray, float] | None = None
+
+    # -- sizes -----------------------------------------------------------------------------
+    @property
+    def op_type(self) -> str:
+        return self.node.op_type
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.matrix.shape  # type: ignore[return-value]
+
+    @property
+    def params_before(self) -> int:
+        return int(self.weight.value.size)
+
+    @property
+    def max_rank(self) -> int:
+        return min(self.shape)
+
+    @property
+    def default_multiple_of(self) -> int:
+        return 1
+
+    def factored_params(self, rank: int) -> int:
+        m, n = self.shape
+        return rank * (m + n)
+
+    @property
+    def share_key(self) -> tuple[str, str, str]:
+        return (self.weight.source + "|" + "|".join(self.weight.chain), self.view, self.scheme)
+
+    # -- numerics --------------------------------------------------------------------------
+    def spectrum(self, k: int) -> tuple[np.ndarray, float]:
+        """Leading singular values (at least ``k`` where available) and ``||W||_F^2``."""
+        if self._spectrum is None or len(self._spectrum[0]) < min(k, self.max_rank):
+            total = float(np.sum(np.square(self.matrix, dtype=np.float64)))
+            sigma = linalg.singular_values(self.matrix, k=min(max(k, 1), self.max_rank))
+            self._spectrum = (np.asarray(sigma, dtype=np.float64), total)
+        return self._spectrum
+
+    def factorize(self, rank: int, config: LowRankConfig) -> Any:
+        """Factors at ``rank``; the result is only consumed by this class's :meth:`rewrite`."""
+        return linalg.factorize(
+            self.matrix,
+            rank,
+            method=config.method,
+            power_iters=config.power_iters,
+            oversample=config.oversample,
+            seed=config.seed,
+        )
+
+    def relative_error(self, factors: Any) -> float:
+        """``||W - A B||_F / ||W||_F`` of the matrix view."""
+        return float(linalg.relative_frobenius_error(self.matrix, factors.a, factors.b))
+
+    def optimal_error(self, rank: int, exact_limit: int = 1024) -> float | None:
+        """Eckart-Young optimum at ``rank``, when the exact spectrum is cheap enough to know."""
+        if self.max_rank > exact_limit:
+            return None
+        sigma, total = self.spectrum(self.max_rank)
+        if total <= 0.0:
+            return 0.0
+        return float(linalg.optimal_frobenius_error(sigma, rank, total_energy=total))
+
+    # -- graph -----------------------------------------------------------------------------
+    def rewrite(self, ctx: GraphContext, factors: Any, names: dict[str, str]) -> Rewrite:
+        """Nodes (and initializers) replacing :attr:`node`.
+
+        ``names`` maps factor roles (``"a"``, ``"b"``, ...) to initializer names already
+        created by the driver for shared factors; the op module emits the initializers only for
+        roles it finds missing, so a weight shared by several nodes is stored once.
+        """
+        raise NotImplementedError
+
+    def factor_initializers(
+        self, ctx: GraphContext, arrays: dict[str, np.ndarray], names: dict[str, str]
+    ) -> list[onnx.TensorProto]:
+        """Initializers ``<weight>/lowrank_<role>`` for the roles not yet in ``names`` (shared)."""
+        out = []
+        for role, array in arrays.items():
+            if role not in names:
+                names[role] = ctx.unique(f"{self.weight.source}/lowrank_{role}")
+                out.append(numpy_helper.from_array(self.store(array), names[role]))
+        return out
+
+    def store(self, array: np.ndarray) -> np.ndarray:
+        """Cast a factor to the weight's storage dtype (float16/bfloat16 weights stay half)."""
+        return np.ascontiguousarray(array.astype(helper.tensor_dtype_to_np_dtype(self.weight.elem_type)))
+
+
+def _constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    for a in node.attribute:
+        if a.name == "value":
+            return a.t
+        if a.name == "value_float":
+            return numpy_helper.from_array(np.array(a.f, dtype=np.float32))
+        if a.name == "value_floats":
+            return numpy_helper.from_array(np.array(list(a.floats), dtype=np.float32))
+    return None  # sparse or integer constants are never weights we factorize
+
+
+def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
+    """Value of attribute ``name`` of ``node``, or ``default``."""
+    return _attr(node, name, default)
+
+
+def _all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    yield graph
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from _all_graphs(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for g in a.graphs:
+                    yield from _all_graphs(g)
+
+
+def subgraph_nodes(graph: onnx.GraphProto) -> Iterator[tuple[str, onnx.NodeProto]]:
+    """Every node inside If/Loop/Scan bodies of ``graph``, with the label of its owner node."""
+    for i, node in enumerate(graph.node):
+        owner = node.name or f"{node.op_type}_{i}"
+        for a in node.attribute:
+            subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+            for g in subs:
+                for inner in g.node:
+                    yield owner, inner
+                yield from subgraph_nodes(g)

@@ -1,0 +1,81 @@
+"""Factorize MatMul nodes with a constant 2-D weight.
+
+Cases handled
+-------------
+* ``Y = X @ W`` with W (m x n) constant on the right and X of any rank (broadcast batch
+  dimensions, 1-D X too): becomes ``(X @ A) @ B``.
+* ``Y = W @ X`` with W constant on the left: becomes ``A @ (B @ X)``.
+* W given by an initializer, a ``Constant`` node, or behind Identity/Transpose/Cast of one.
+
+Left alone, with a reason: both inputs constant (constant-foldable), weight not constant, not
+2-D (batched weights), not a float type. The two new MatMuls always take the activation
+first, so no node multiplies two constants (onnxruntime would fold ``A @ B`` back into W).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from onnx_lowrank.config import LowRankConfig
+
+from .graph import FLOAT_TYPES, Candidate, ConstantWeight, GraphContext, Rewrite
+
+__all__ = ["MatMulCandidate", "match_matmul"]
+
+
+class MatMulCandidate(Candidate):
+    """``X @ W`` (``side="right"``) or ``W @ X`` (``side="left"``) with the matrix view ``W``."""
+
+    def __init__(self, node: onnx.NodeProto, label: str, weight: ConstantWeight, side: str) -> None:
+        super().__init__(node, label, weight, weight.value)
+        self.side = side
+
+    def rewrite(self, ctx: GraphContext, factors, names: dict[str, str]) -> Rewrite:
+        inits = self.factor_initializers(ctx, {"a": factors.a, "b": factors.b}, names)
+        x = self.node.input[0] if self.side == "right" else self.node.input[1]
+        hidden = ctx.unique(f"{self.label}/lowrank_hidden")
+        if self.side == "right":
+            first = (x, names["a"])  # (X @ A) @ B
+            second = (hidden, names["b"])
+        else:
+            first = (names["b"], x)  # A @ (B @ X)
+            second = (names["a"], hidden)
+        nodes = [
+            helper.make_node("MatMul", list(first), [hidden], name=ctx.unique(f"{self.label}/lowrank_a")),
+            helper.make_node("MatMul", list(second), list(self.node.output), name=ctx.unique(f"{self.label}/lowrank_b")),
+        ]
+        return Rewrite(nodes, inits)
+
+
+def match_matmul(node: onnx.NodeProto, label: str, ctx: GraphContext, config: LowRankConfig) -> Candidate | str:
+    """A candidate for a MatMul node, or the reason it is left alone."""
+    if len(node.input) != 2:
+        return "MatMul without two inputs"
+    left, right = (ctx.constant(name) for name in node.input)
+    if left is not None and right is not None:
+        return "both inputs are constants (constant-foldable): left alone"
+    if right is not None:
+        weight, side = right, "right"
+    elif left is not None:
+        weight, side = left, "left"
+    else:
+        return ctx.why_not_constant(node.input[1])
+    reason = check_weight(weight)
+    if reason:
+        return reason
+    return MatMulCandidate(node, label, weight, side)
+
+
+def check_weight(weight: ConstantWeight, ndim: int = 2) -> str | None:
+    """Why a constant cannot be factorized as an ``ndim``-D float weight, or ``None``."""
+    if weight.elem_type not in FLOAT_TYPES:
+        dtype = onnx.TensorProto.DataType.Name(weight.elem_type).lower()
+        return f"weight {weight.name!r} has dtype {dtype}, not a float type"
+    if weight.value.ndim != ndim:
+        kind = "a vector" if weight.value.ndim == 1 else f"{weight.value.ndim}-D"
+        return f"weight {weight.name!r} is {kind} {list(weight.value.shape)}, only {ndim}-D weights are factorized"
+    if not np.all(np.isfinite(weight.value.astype(np.float64, copy=False))):
+        return f"weight {weight.name!r} contains NaN or Inf: left alone"
+    return None

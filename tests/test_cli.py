@@ -1,0 +1,184 @@
+"""The optimize command: exit codes, one-line errors, nothing written on failure, input untouched."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from builders import DATA, init, make_model, rel_err, run, vi
+from onnx_lowrank.cli import main
+
+DIGITS = DATA / "digits_mlp.onnx"
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture
+def small_model(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+                       [vi("x", ["batch", 64])], [vi("y", ["batch", 48])],
+                       [init("w", rng.standard_normal((64, 48)).astype(np.float32))])
+    path = tmp_path / "in.onnx"
+    onnx.save(model, path)
+    return path
+
+
+def test_optimize_writes_model_table_and_report(tmp_path, small_model, capsys):
+    out, rep = tmp_path / "out.onnx", tmp_path / "r.json"
+    code, stdout, stderr = _cli(capsys, "optimize", small_model, out, "--ratio", "0.5", "--report", rep)
+    assert code == 0, stderr
+    assert "mm" in stdout and "factorized 1 of 1" in stdout and "file size" in stdout
+    data = json.loads(rep.read_text())
+    row = data["layers"][0]
+    assert row["rank"] == 13 and row["shape"] == [64, 48] and row["params_after"] == 13 * 112
+    assert data["totals"]["factorized"] == 1 and data["config"]["ratio"] == 0.5
+    assert data["totals"]["size_after"] == out.stat().st_size
+    onnx.checker.check_model(onnx.load(out), full_check=True)
+
+
+def test_json_flag_prints_report(tmp_path, small_model, capsys):
+    code, stdout, _ = _cli(capsys, "optimize", small_model, tmp_path / "o.onnx", "--rank", "4", "--json")
+    assert code == 0
+    assert json.loads(stdout)["layers"][0]["rank"] == 4
+
+
+def test_full_rank_force_equals_reference(tmp_path, small_model, capsys):
+    out = tmp_path / "out.onnx"
+    assert _cli(capsys, "optimize", small_model, out, "--rank", "100000", "--force")[0] == 0
+    x = np.random.default_rng(1).standard_normal((3, 64)).astype(np.float32)
+    assert rel_err(run(onnx.load(out), {"x": x})[0], run(onnx.load(small_model), {"x": x})[0]) < 1e-5
+
+
+def test_unprofitable_layer_is_reported_and_kept(tmp_path, small_model, capsys):
+    code, stdout, _ = _cli(capsys, "optimize", small_model, tmp_path / "o.onnx", "--rank", "40", "--json")
+    row = json.loads(stdout)["layers"][0]
+    assert code == 0 and row["status"] == "skipped"
+    assert row["reason"].startswith("unprofitable: rank 40 >= break-even 28")
+
+
+BAD_OPTIONS = [
+    (["--ratio", "1.5"], "--ratio must be in (0, 1]"),
+    (["--ratio", "0"], "--ratio must be in (0, 1]"),
+    (["--rank", "-3"], "--rank must be a positive integer"),
+    (["--energy", "2"], "--energy must be in (0, 1]"),
+    (["--rank", "3", "--ratio", "0.5"], "not allowed with argument"),
+    (["--ratio", "abc"], "expected a number"),
+    (["--op-types", "MatMul,Foo"], "--op-types takes a comma-separated subset"),
+    (["--exclude", "("], "--exclude '(' is not a valid regular expression"),
+    (["--method", "qr"], "invalid choice: 'qr'"),
+]
+
+
+@pytest.mark.parametrize("extra,message", BAD_OPTIONS)
+def test_bad_options_exit_2_with_one_line(tmp_path, small_model, capsys, extra, message):
+    before = _sha(small_model)
+    out = tmp_path / "out.onnx"
+    code, stdout, stderr = _cli_catching(capsys, "optimize", small_model, out, *extra)
+    assert code == 2
+    assert message in stderr and len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
+    assert not out.exists() and _sha(small_model) == before
+
+
+def _cli_catching(capsys, *argv):
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_bad_inputs_exit_1_with_one_line(tmp_path, small_model, capsys):
+    out = tmp_path / "out.onnx"
+    text = tmp_path / "notes.onnx"
+    text.write_text("this is not a model\n" * 10)
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(small_model.read_bytes()[: small_model.stat().st_size // 2])
+    cases = {
+        tmp_path / "missing.onnx": "no such file",
+        text: "not a valid ONNX model",
+        empty: "the file is empty",
+        truncated: "not a valid ONNX model",
+        tmp_path: "is a directory",
+    }
+    for path, message in cases.items():
+        code, _, stderr = _cli(capsys, "optimize", path, out)
+        assert code == 1, (path, stderr)
+        assert message in stderr and len(stderr.strip().splitlines()) == 1, stderr
+        assert not out.exists()
+
+
+def test_output_equal_to_input_is_refused(small_model, capsys):
+    before = _sha(small_model)
+    code, _, stderr = _cli(capsys, "optimize", small_model, small_model)
+    assert code == 2 and "is the input model" in stderr
+    same = small_model.parent / ".." / small_model.parent.name / small_model.name
+    code, _, stderr = _cli(capsys, "optimize", small_model, same)
+    assert code == 2 and _sha(small_model) == before
+
+
+def test_output_directory_missing(tmp_path, small_model, capsys):
+    code, _, stderr = _cli(capsys, "optimize", small_model, tmp_path / "nope" / "out.onnx")
+    assert code == 1 and "does not exist; create it first" in stderr
+
+
+def test_missing_external_data(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+                       [vi("x", [2, 64])], [vi("y", [2, 64])],
+                       [init("w", rng.standard_normal((64, 64)).astype(np.float32))])
+    path = tmp_path / "ext.onnx"
+    onnx.save(model, path, save_as_external_data=True, location="ext.onnx.data", size_threshold=0)
+    (tmp_path / "ext.onnx.data").unlink()
+    code, _, stderr = _cli(capsys, "optimize", path, tmp_path / "out.onnx")
+    assert code == 1 and "external data file 'ext.onnx.data'" in stderr and "is missing" in stderr
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_external_data_model_round_trip(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+                       [vi("x", [2, 64])], [vi("y", [2, 64])],
+                       [init("w", rng.standard_normal((64, 64)).astype(np.float32))])
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    expected = run(model, {"x": x})[0]
+    path = tmp_path / "ext.onnx"
+    onnx.save(model, path, save_as_external_data=True, location="ext.onnx.data", size_threshold=0)
+    out = tmp_path / "out.onnx"
+    assert _cli(capsys, "optimize", path, out, "--rank", "100000", "--force")[0] == 0
+    assert rel_err(run(onnx.load(out), {"x": x})[0], expected) < 1e-5
+
+
+def test_digits_demo_prints_accuracy(capsys, tmp_path):
+    code, stdout, stderr = _cli(capsys, "demo", "--energy", "0.95", "--output", tmp_path / "d.onnx")
+    assert code == 0, stderr
+    assert "held-out accuracy on 540 digits images" in stdout
+    acc = float(stdout.split("original ")[1].split()[0])
+    assert acc > 0.95
+    assert (tmp_path / "d.onnx").exists()
+
+
+def test_python_m_entry_point_and_help():
+    proc = subprocess.run([sys.executable, "-m", "onnx_lowrank", "optimize", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "--multiple-of" in proc.stdout and "--report" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "onnx_lowrank"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "optimize" in proc.stderr
