@@ -29,7 +29,7 @@ from .gemm import match_gemm
 from .graph import QUANTIZED_OPS, Candidate, GraphContext, Rewrite, subgraph_nodes
 from .matmul import match_matmul
 
-__all__ = ["apply_lowrank", "MATCHERS", "FAMILIES"]
+__all__ = ["apply_lowrank", "find_candidates", "MATCHERS", "FAMILIES"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,30 +71,26 @@ def apply_lowrank(
         One row per MatMul/Gemm/Conv (and quantized matrix op) node, in graph order.
     """
     ctx = GraphContext(model)
-    rows: list[LayerResult] = []
+    found = find_candidates(model, config, ctx=ctx)
+    rows = [row for row, _ in found]
     selected: list[tuple[Candidate, int, LayerResult]] = []
-
-    for index, node in enumerate(model.graph.node):
-        label = GraphContext.node_label(node, index)
-        if node.op_type in QUANTIZED_OPS:
-            rows.append(LayerResult(label, node.op_type, "skipped", reason="quantized operator: left alone"))
+    for row, cand in found:
+        if cand is None:
             continue
-        if node.op_type not in FAMILIES or node.domain not in ("", "ai.onnx"):
-            continue
-        row, chosen = _consider(node, label, ctx, config)
-        rows.append(row)
-        if chosen is not None:
-            selected.append((chosen[0], chosen[1], row))
-
-    for owner, inner in subgraph_nodes(model.graph):
-        if inner.op_type in FAMILIES:
-            rows.append(LayerResult(inner.name or inner.op_type, inner.op_type, "skipped",
-                                    reason=f"inside the subgraph of {owner!r}: subgraphs are left intact"))
-    for function in model.functions:
-        for inner in function.node:
-            if inner.op_type in FAMILIES:
-                rows.append(LayerResult(inner.name or inner.op_type, inner.op_type, "skipped",
-                                        reason=f"inside local function {function.name!r}: functions are left intact"))
+        choice = select_rank(
+            config,
+            params_before=cand.params_before,
+            max_rank=cand.max_rank,
+            factored_params=cand.factored_params,
+            spectrum=cand.spectrum,
+            default_multiple_of=cand.default_multiple_of,
+        )
+        row.break_even_rank = choice.break_even
+        row.note = choice.note
+        if choice.rank is None:
+            row.reason = choice.reason
+        else:
+            selected.append((cand, choice.rank, row))
 
     rewrites = _factorize_all(selected, ctx, config, progress)
     if rewrites:
@@ -103,9 +99,41 @@ def apply_lowrank(
     return rows
 
 
+def find_candidates(
+    model: onnx.ModelProto, config: LowRankConfig, *, ctx: GraphContext | None = None
+) -> list[tuple[LayerResult, Candidate | None]]:
+    """Every MatMul/Gemm/Conv (and quantized matrix op) node with its candidate, or the reason.
+
+    Applies the op-type, include/exclude and min-params filters but no rank policy, so
+    ``analyze`` can inspect the same layers that ``optimize`` would consider. Rows of nodes
+    that are left alone carry their ``reason`` and a ``None`` candidate.
+    """
+    ctx = ctx if ctx is not None else GraphContext(model)
+    found: list[tuple[LayerResult, Candidate | None]] = []
+    for index, node in enumerate(model.graph.node):
+        label = GraphContext.node_label(node, index)
+        if node.op_type in QUANTIZED_OPS:
+            found.append((LayerResult(label, node.op_type, "skipped", reason="quantized operator: left alone"), None))
+            continue
+        if node.op_type not in FAMILIES or node.domain not in ("", "ai.onnx"):
+            continue
+        found.append(_consider(node, label, ctx, config))
+
+    for owner, inner in subgraph_nodes(model.graph):
+        if inner.op_type in FAMILIES:
+            found.append((LayerResult(inner.name or inner.op_type, inner.op_type, "skipped",
+                                      reason=f"inside the subgraph of {owner!r}: subgraphs are left intact"), None))
+    for function in model.functions:
+        for inner in function.node:
+            if inner.op_type in FAMILIES:
+                found.append((LayerResult(inner.name or inner.op_type, inner.op_type, "skipped",
+                                          reason=f"inside local function {function.name!r}: functions are left intact"), None))
+    return found
+
+
 def _consider(
     node: onnx.NodeProto, label: str, ctx: GraphContext, config: LowRankConfig
-) -> tuple[LayerResult, tuple[Candidate, int] | None]:
+) -> tuple[LayerResult, Candidate | None]:
     op = node.op_type
     row = LayerResult(label, op, "skipped")
     if _OWN_NODE.search(node.name):
@@ -138,20 +166,7 @@ def _consider(
     if cand.params_before < config.min_params:
         row.reason = f"{cand.params_before} parameters < --min-params {config.min_params}"
         return row, None
-    choice = select_rank(
-        config,
-        params_before=cand.params_before,
-        max_rank=cand.max_rank,
-        factored_params=cand.factored_params,
-        spectrum=cand.spectrum,
-        default_multiple_of=cand.default_multiple_of,
-    )
-    row.break_even_rank = choice.break_even
-    row.note = choice.note
-    if choice.rank is None:
-        row.reason = choice.reason
-        return row, None
-    return row, (cand, choice.rank)
+    return row, cand
 
 
 def _factorize_all(
