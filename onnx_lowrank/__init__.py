@@ -5,10 +5,42 @@
 >>> print(report.format_table())  # doctest: +SKIP
 """
 
-from .api import optimize
-from .config import LowRankConfig
-from .model_io import ModelError, load_model, save_model
-from .report import LayerResult, Report
+def _source_checkout_passes() -> None:
+    """Map ``onnx_lowrank.passes`` to ``passes/`` when running from a source checkout.
+
+    Installed (normal or editable), setuptools' package-dir maps the top-level ``passes/`` folder
+    to ``onnx_lowrank.passes``. Python started in the repository root (``python -m onnx_lowrank``)
+    imports ``onnx_lowrank`` from the folder instead, where ``passes`` is a sibling: load it
+    from there under the same name.
+    """
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    source = here.parent / "passes" / "__init__.py"
+    if (here / "passes").is_dir() or "onnx_lowrank.passes" in sys.modules or not source.is_file():
+        return
+    try:
+        if importlib.util.find_spec("onnx_lowrank.passes") is not None:
+            return  # an editable install's finder maps it already
+    except ImportError:
+        pass
+    spec = importlib.util.spec_from_file_location(
+        "onnx_lowrank.passes", source, submodule_search_locations=[str(source.parent)]
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["onnx_lowrank.passes"] = module
+    spec.loader.exec_module(module)
+
+
+_source_checkout_passes()
+
+from .api import optimize  # noqa: E402
+from .config import LowRankConfig  # noqa: E402
+from .model_io import ModelError, load_model, save_model  # noqa: E402
+from .report import LayerResult, Report  # noqa: E402
 
 __version__ = "0.1.0"
 
