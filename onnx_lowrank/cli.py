@@ -114,6 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("input", metavar="IN", help="input .onnx model (external data next to it is read)")
     opt.add_argument("output", metavar="OUT", help="output .onnx path (never the input; written atomically)")
     add_config_arguments(opt)
+    c = opt.add_argument_group("accuracy check (onnxruntime, OUT against IN)")
+    c.add_argument("--check", action="store_true",
+                   help="after writing OUT, run both models on the same inputs and report the error per output")
+    c.add_argument("--max-error", type=_fraction, metavar="E",
+                   help="with --check: exit 1 when the worst relative L2 error of an output exceeds E")
+    c.add_argument("--inputs", metavar="DATA.npz", help="with --check: real inputs, one array per model input (first axis = samples)")
+    c.add_argument("--shape", action="append", default=[], metavar="NAME=DxD",
+                   help="with --check and no --inputs: value of a symbolic dimension or input shape (repeatable)")
+    c.add_argument("--samples", type=_positive_int, default=8, metavar="N", help="with --check and no --inputs: random samples (default 8)")
     _add_output_arguments(opt)
     opt.set_defaults(func=_run_optimize)
 
@@ -182,9 +191,67 @@ def _run_optimize(args: argparse.Namespace) -> int:
         raise
     if args.report:
         check_output_path(args.report, args.input)
+    if args.max_error is not None and not args.check:
+        raise UsageError("--max-error needs --check")
+    if args.max_error is not None and not args.max_error > 0:
+        raise UsageError(f"--max-error must be > 0, got {args.max_error}")
     report = _optimize_to(args.input, args.output, args)
-    _emit(report, args)
+    extra = None
+    if args.check:
+        extra = {"check": _check(args)}
+    _emit(report, args, extra)
+    if extra is not None:
+        worst = extra["check"]["max_rel_l2"]
+        if not args.quiet and not args.json:
+            print(_format_check(extra["check"]))
+        if args.max_error is not None and worst > args.max_error:
+            print(f"onnx-lowrank optimize: check failed: worst output error {worst:.4g} exceeds --max-error "
+                  f"{args.max_error:g} ({args.output} was written; raise the rank or loosen the limit)", file=sys.stderr)
+            return 1
     return 0
+
+
+def _check(args: argparse.Namespace) -> dict:
+    """Accuracy of OUT against IN on real (``--inputs``) or generated inputs."""
+    from . import harness
+
+    try:
+        if args.inputs:
+            inputs = harness.load_inputs(args.inputs, args.input)
+        else:
+            inputs = harness.make_inputs(args.input, shapes=harness.parse_shapes(args.shape) or None,
+                                         samples=args.samples, seed=args.seed)
+        accuracy = harness.compare_models(args.input, args.output, inputs)
+    except harness.InputError as exc:
+        raise UsageError(str(exc)) from None
+    except harness.HarnessError as exc:
+        raise ModelError(str(exc)) from None
+    return {
+        "inputs": args.inputs or f"{args.samples} generated samples (seed {args.seed})",
+        "accuracy": accuracy,
+        "max_rel_l2": harness.max_error(accuracy),
+        "max_error": args.max_error,
+    }
+
+
+def _format_check(check: dict) -> str:
+    lines = [f"\ncheck against the original on {check['inputs']}:"]
+    for name, m in check["accuracy"].items():
+        if "skipped" in m:
+            lines.append(f"  {name}: skipped ({m['skipped']})")
+            continue
+        parts = [f"rel_l2 {m['rel_l2']:.4g}" if m.get("rel_l2") is not None else "rel_l2 n/a",
+                 f"max_abs {m['max_abs']:.4g}", f"cosine {m['cosine']:.5f}" if m.get("cosine") is not None else ""]
+        if "top1_agreement" in m:
+            parts.append(f"top1 agreement {m['top1_agreement']:.4f}")
+        lines.append(f"  {name}: " + ", ".join(p for p in parts if p))
+        lines.extend(f"  warning: {w}" for w in m.get("warnings", []))
+    verdict = f"worst relative L2 error {check['max_rel_l2']:.4g}"
+    if check["max_error"] is not None:
+        verdict += " <= " if check["max_rel_l2"] <= check["max_error"] else " > "
+        verdict += f"--max-error {check['max_error']:g}"
+    lines.append("  " + verdict)
+    return "\n".join(lines)
 
 
 def _run_demo(args: argparse.Namespace) -> int:

@@ -49,6 +49,7 @@ from onnx_lowrank import flops as _flops
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "DEFAULT_INT_RANGE",
     "HarnessError",
     "InputError",
     "InputSpec",
@@ -67,9 +68,12 @@ __all__ = [
     "max_abs_error",
     "max_error",
     "mean_kl",
+    "mobile_report",
     "mobile_usability",
     "model_size_bytes",
     "model_stats",
+    "new_operators",
+    "normalize_inputs",
     "num_samples",
     "ort_format_check",
     "output_metrics",
@@ -557,7 +561,7 @@ def load_labels(path: str | os.PathLike[str]) -> np.ndarray:
 
 
 def num_samples(inputs: Mapping[str, np.ndarray]) -> int:
-    """Number of samples in an input dict (0 for a model without inputs is reported as 1)."""
+    """Number of samples in an input dict (1 for a model without inputs: it runs once per round)."""
     for arr in inputs.values():
         return int(arr.shape[0])
     return 1

@@ -1,0 +1,208 @@
+"""Tests of the ``bench`` subcommand, run in-process through argparse."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_lowrank import bench_cli
+
+
+def _mlp(path, rank=None, out_op="Gemm"):
+    """x[N,16] -> MatMul -> Relu -> Gemm -> logits[N,5]; ``rank`` factorizes the MatMul (SVD)."""
+    rng = np.random.default_rng(0)
+    w1 = (rng.standard_normal((16, 32)) / 4).astype(np.float32)
+    w2 = (rng.standard_normal((32, 5)) / 4).astype(np.float32)
+    inits = [numpy_helper.from_array(w2, "W2"), numpy_helper.from_array(np.zeros(5, np.float32), "b2")]
+    if rank is None:
+        inits.append(numpy_helper.from_array(w1, "W1"))
+        nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"])]
+    else:
+        u, s, vt = np.linalg.svd(w1, full_matrices=False)
+        inits += [
+            numpy_helper.from_array((u[:, :rank] * s[:rank]).astype(np.float32), "A"),
+            numpy_helper.from_array(vt[:rank].astype(np.float32), "B"),
+        ]
+        nodes = [helper.make_node("MatMul", ["x", "A"], ["t"]), helper.make_node("MatMul", ["t", "B"], ["h"])]
+    nodes += [helper.make_node("Relu", ["h"], ["r"]), helper.make_node(out_op, ["r", "W2", "b2"], ["logits"])]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return str(path)
+
+
+@pytest.fixture()
+def models(tmp_path):
+    return _mlp(tmp_path / "orig.onnx"), _mlp(tmp_path / "comp.onnx", rank=4), _mlp(tmp_path / "comp8.onnx", rank=8)
+
+
+def bench(argv, capsys):
+    parser = argparse.ArgumentParser(prog="onnx-lowrank bench")
+    bench_cli.add_bench_arguments(parser)
+    code = bench_cli.run_bench(parser.parse_args([str(a) for a in argv]))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_full_report_json_schema_and_provider_fallback(models, tmp_path, capsys):
+    orig, comp, _ = models
+    out_json = tmp_path / "out.json"
+    code, out, err = bench(
+        [orig, comp, "--shape", "N=1", "--samples", "4", "--runs", "3", "--warmup", "1",
+         "--providers", "XnnpackExecutionProvider,CPUExecutionProvider", "--threads", "1",
+         "--mobile", "--json", out_json],
+        capsys,
+    )
+    assert code == 0, err
+    report = json.loads(out_json.read_text())
+    assert list(report) == ["models", "accuracy", "latency", "providers", "mobile"]
+    for m in report["models"]:
+        assert {"path", "params", "size_bytes", "flops"} <= set(m)
+    assert report["models"][0]["params"] == 16 * 32 + 32 * 5 + 5
+    assert report["models"][1]["params"] == 4 * (16 + 32) + 32 * 5 + 5
+    assert report["models"][0]["flops"] == 2 * (16 * 32 + 32 * 5)
+    acc = report["accuracy"]["logits"]
+    assert {"max_abs", "rel_l2", "cosine", "top1_agreement", "kl"} <= set(acc)
+    assert acc["samples"] == 4
+
+    # the XNNPACK request fell back to the CPU: reported, and never a latency key
+    prov = report["providers"]
+    assert prov["requested"] == ["XnnpackExecutionProvider", "CPUExecutionProvider"]
+    assert prov["unavailable"] == ["XnnpackExecutionProvider"]
+    assert prov["used"] == ["CPUExecutionProvider"]
+    assert list(report["latency"]) == ["CPUExecutionProvider"]
+    lat = report["latency"]["CPUExecutionProvider"]
+    for key in ("original_ms", "compressed_ms", "ratio", "p90_original_ms", "p90_compressed_ms", "flop_ratio"):
+        assert isinstance(lat[key], float), key
+    assert lat["ratio"] == pytest.approx(lat["compressed_ms"] / lat["original_ms"])
+    assert lat["flop_ratio"] == pytest.approx(report["models"][1]["flops"] / report["models"][0]["flops"])
+    assert lat["runs"] == 3 and lat["threads"] == 1 and lat["opt_level"] == "all"
+    assert lat["requested"] == ["XnnpackExecutionProvider", "CPUExecutionProvider"]
+
+    mob = report["mobile"]
+    assert set(mob) == {"nnapi", "coreml", "ort_format"}
+    assert set(mob["nnapi"]) == {"original", "compressed"}
+    assert mob["ort_format"]["original"]["outputs_match"] and mob["ort_format"]["compressed"]["outputs_match"]
+    assert mob["ort_format"]["new_operators"] == []
+
+    assert "unavailable: XnnpackExecutionProvider" in out
+    assert "CPUExecutionProvider" in out and "accuracy vs original" in out
+
+
+def test_inputs_npz_with_labels_and_max_error(models, tmp_path, capsys):
+    orig, comp, _ = models
+    x = np.random.default_rng(3).standard_normal((10, 16)).astype(np.float32)
+    np.savez(tmp_path / "data.npz", x=x, labels=np.arange(10) % 5)
+    out_json = tmp_path / "r.json"
+    code, out, err = bench([orig, comp, "--inputs", tmp_path / "data.npz", "--runs", "0", "--json", out_json], capsys)
+    assert code == 0, err
+    acc = json.loads(out_json.read_text())["accuracy"]["logits"]
+    assert acc["samples"] == 10
+    assert 0.0 <= acc["task_accuracy_original"] <= 1.0 and "task_accuracy_compressed" in acc
+    assert json.loads(out_json.read_text())["latency"] == {}  # --runs 0 skips latency
+
+    code, out, err = bench([orig, comp, "--inputs", tmp_path / "data.npz", "--runs", "0", "--max-error", "1e-9"], capsys)
+    assert code == 1
+    assert "FAIL:" in err and "exceeds --max-error" in err
+
+
+def test_several_compressed_models(models, tmp_path, capsys):
+    orig, comp, comp8 = models
+    out_json = tmp_path / "r.json"
+    code, _, err = bench([orig, comp, comp8, "--shape", "N=1", "--samples", "2", "--runs", "2", "--json", out_json], capsys)
+    assert code == 0, err
+    report = json.loads(out_json.read_text())
+    assert len(report["models"]) == 3
+    first, second = report["accuracy"]["logits"], report["models"][2]["accuracy"]["logits"]
+    assert second["rel_l2"] < first["rel_l2"]  # rank 8 is closer than rank 4
+    assert "CPUExecutionProvider" in report["models"][2]["latency"]
+
+
+def test_new_operator_type_is_reported_by_the_mobile_check(models, tmp_path, capsys):
+    orig, _, _ = models
+    other = _mlp(tmp_path / "matmul_add.onnx", out_op="Gemm")
+    # replace the Gemm by MatMul + Add: a reduced build made for the original has no Add kernel
+    m = onnx.load(other)
+    gemm = m.graph.node[-1]
+    m.graph.node.remove(gemm)
+    m.graph.node.extend([
+        helper.make_node("MatMul", ["r", "W2"], ["mm"]),
+        helper.make_node("Sin", ["mm"], ["logits"]),
+    ])
+    onnx.save(m, other)
+    out_json = tmp_path / "mobile.json"
+    code, out, err = bench([orig, other, "--shape", "N=1", "--samples", "1", "--runs", "0", "--mobile",
+                            "--json", out_json], capsys)
+    assert code == 0, err  # a warning, not a failure: the compressed model runs on its own build
+    assert "new operator types needed by the compressed model:" in out and "Sin" in out
+    assert any(op.endswith(";Sin") for op in json.loads(out_json.read_text())["mobile"]["ort_format"]["new_operators"])
+
+
+@pytest.mark.parametrize(
+    ("argv_tail", "npz", "needle", "code"),
+    [
+        (["--shape", "N=1"], None, "model file not found", 2),  # compressed path replaced below
+        ([], None, "symbolic dimension(s) not set: x[0] (N)", 2),
+        (["--shape", "N"], None, "bad --shape 'N'", 2),
+        (["--shape", "batch=1"], None, "no input or symbolic dimension of that name", 2),
+        (["--inputs"], {"X": np.zeros((2, 16), np.float32)}, "no array for model input(s) 'x'", 2),
+        (["--inputs"], {"x": np.zeros((2, 8), np.float32)}, "sample shape (1, 8)", 2),
+        (["--inputs"], {"x": np.zeros((2, 16), np.float32)}, "inputs file not found", 2),
+        (["--shape", "N=1", "--providers", "XnnpackProvider"], None, "unknown execution provider", 2),
+        (["--shape", "N=1", "--int-range", "9:2"], None, "bad --int-range", 2),
+    ],
+)
+def test_bad_inputs_give_one_line(models, tmp_path, capsys, argv_tail, npz, needle, code):
+    orig, comp, _ = models
+    argv = [orig, comp, *argv_tail]
+    if needle == "model file not found":
+        argv[1] = tmp_path / "missing.onnx"
+    if argv_tail == ["--inputs"]:
+        path = tmp_path / "in.npz"
+        if needle != "inputs file not found":
+            np.savez(path, **npz)
+        argv.append(path)
+    got, out, err = bench(argv, capsys)
+    assert got == code
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ") and needle in lines[0], lines[0]
+    assert "Traceback" not in err and out == ""
+
+
+def test_model_that_fails_to_load_is_exit_1(models, tmp_path, capsys):
+    orig, _, _ = models
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x08\x07garbage")
+    got, _, err = bench([orig, junk, "--shape", "N=1", "--runs", "0"], capsys)
+    assert got == 1
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is not None, reason="matplotlib is installed")
+def test_plot_without_matplotlib(models, tmp_path, capsys):
+    orig, comp, _ = models
+    got, _, err = bench([orig, comp, "--shape", "N=1", "--plot", tmp_path / "p.png"], capsys)
+    assert got == 2
+    assert err.strip() == "error: --plot needs matplotlib: pip install onnx-lowrank[plot]"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib is not installed")
+def test_plot_with_matplotlib(models, tmp_path, capsys):
+    orig, comp, _ = models
+    got, _, err = bench([orig, comp, "--shape", "N=1", "--runs", "3", "--plot", tmp_path / "p.png"], capsys)
+    assert got == 0, err
+    assert (tmp_path / "p.png").stat().st_size > 0
