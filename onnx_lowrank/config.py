@@ -11,6 +11,8 @@ __all__ = ["ConfigError", "LowRankConfig", "METHODS", "OP_TYPES", "CONV_SCHEMES"
 METHODS = ("rsi", "rsvd", "svd")
 OP_TYPES = ("MatMul", "Gemm", "Conv")
 CONV_SCHEMES = ("weight-svd", "spatial-svd", "tucker2")
+WHITEN_MODES = ("auto", "full", "diag", "none")
+LATENCY_MODES = ("off", "model", "measure")
 
 #: Used when the caller names no rank policy: keep half of every layer's parameters. It is the
 #: design card's headline example and a predictable starting point; energy would hide how much
@@ -59,6 +61,25 @@ class LowRankConfig:
         Operator families to consider.
     conv_scheme : {"weight-svd", "spatial-svd", "tucker2"}
         How Conv weights are factorized.
+    target_params, target_flops : float, optional
+        Global budget instead of a per-layer policy: keep at most this fraction of the candidate
+        layers' parameters (MACs) in total, ranks chosen across layers to minimize the summed
+        normalized (whitened, with calibration data) truncation error.
+    whiten : {"auto", "full", "diag", "none"}
+        With calibration data, factorize for the layer's output error: ``full`` (Cholesky of the
+        input Gram matrix, SVD-LLM), ``diag`` (per-feature scaling, ASVD) or ``none``.
+        ``auto`` is ``full`` when calibration data is given.
+    whiten_eps : float
+        Relative jitter of the Gram matrix (see :data:`onnx_lowrank.whiten.DEFAULT_EPS`).
+    max_error : float, optional
+        With calibration data: search the smallest global budget whose relative output error
+        on held-out samples stays at or below this.
+    holdout : float
+        Fraction of the calibration samples held out for ``max_error`` when no validation set
+        is given.
+    latency : {"off", "model", "measure"}
+        Keep a layer dense when the factorized form would not run faster in onnxruntime:
+        predicted by a cost model, or measured once per layer shape on this machine.
     """
 
     method: str = "rsi"
@@ -75,6 +96,13 @@ class LowRankConfig:
     exclude: tuple[str, ...] = field(default_factory=tuple)
     op_types: tuple[str, ...] = OP_TYPES
     conv_scheme: str = "weight-svd"
+    target_params: float | None = None
+    target_flops: float | None = None
+    whiten: str = "auto"
+    whiten_eps: float = 1e-3
+    max_error: float | None = None
+    holdout: float = 0.2
+    latency: str = "off"
 
     def __post_init__(self) -> None:
         # Accept lists from callers but store tuples so the config stays hashable and frozen.
@@ -88,11 +116,29 @@ class LowRankConfig:
     def _validate(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        policies = [n for n in ("rank", "ratio", "energy") if getattr(self, n) is not None]
+        policies = [n for n in ("rank", "ratio", "energy", "target_params", "target_flops", "max_error")
+                    if getattr(self, n) is not None]
         if len(policies) > 1:
             raise ConfigError(
-                f"choose one rank policy, got {' and '.join('--' + p for p in policies)}"
+                f"choose one rank policy, got {' and '.join('--' + p.replace('_', '-') for p in policies)}"
             )
+        for name in ("target_params", "target_flops"):
+            value = getattr(self, name)
+            if value is not None and not (_is_real(value) and 0.0 < value <= 1.0):
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be in (0, 1] (the fraction of the candidate layers' "
+                    f"{'parameters' if name == 'target_params' else 'MACs'} to keep), got {value!r}"
+                )
+        if self.max_error is not None and not (_is_real(self.max_error) and self.max_error > 0):
+            raise ConfigError(f"--max-error must be > 0, got {self.max_error!r}")
+        if self.whiten not in WHITEN_MODES:
+            raise ConfigError(f"--whiten must be one of {', '.join(WHITEN_MODES)}, got {self.whiten!r}")
+        if not (_is_real(self.whiten_eps) and 0.0 <= self.whiten_eps < 1.0):
+            raise ConfigError(f"--whiten-eps must be in [0, 1), got {self.whiten_eps!r}")
+        if not (_is_real(self.holdout) and 0.0 < self.holdout < 1.0):
+            raise ConfigError(f"--holdout must be in (0, 1), got {self.holdout!r}")
+        if self.latency not in LATENCY_MODES:
+            raise ConfigError(f"--latency must be one of {', '.join(LATENCY_MODES)}, got {self.latency!r}")
         if self.rank is not None and (not _is_int(self.rank) or self.rank < 1):
             raise ConfigError(f"--rank must be a positive integer, got {self.rank!r}")
         if self.ratio is not None and not (_is_real(self.ratio) and 0.0 < self.ratio <= 1.0):
@@ -134,7 +180,11 @@ class LowRankConfig:
 
     @property
     def policy(self) -> tuple[str, float]:
-        """The rank policy in force as ``(name, value)``: rank, ratio (the default) or energy."""
+        """The rank policy in force as ``(name, value)``: rank, ratio (the default), energy,
+        target_params, target_flops or max_error."""
+        for name in ("target_params", "target_flops", "max_error"):
+            if getattr(self, name) is not None:
+                return name, getattr(self, name)
         if self.rank is not None:
             return "rank", self.rank
         if self.energy is not None:

@@ -13,9 +13,11 @@ __all__ = ["LayerResult", "Report", "format_count", "format_bytes"]
 class LayerResult:
     """One candidate node: factorized (with rank and error) or skipped (with the reason).
 
-    ``rel_error`` is ``||W - A B||_F / ||W||_F`` of the layer's matrix view; ``optimal_error``
-    the Eckart-Young optimum at the same rank (``None`` where the exact spectrum was not
-    computed, for matrices with ``min(m, n) > 1024``).
+    ``rel_error`` is ``||W - A B||_F / ||W||_F`` of the layer's matrix view. With calibration
+    data, ``whitened_error`` is the relative error of the layer's output on that data,
+    ``||X (W - A B)|| / ||X W||``, which is what the factorization then minimizes.
+    ``optimal_error`` is the Eckart-Young optimum at the same rank of whichever error was
+    minimized (``None`` where the exact spectrum was not computed, ``min(m, n) > 1024``).
     """
 
     node: str
@@ -29,6 +31,7 @@ class LayerResult:
     params_before: int | None = None
     params_after: int | None = None
     rel_error: float | None = None
+    whitened_error: float | None = None
     optimal_error: float | None = None
     scheme: str | None = None
     note: str | None = None

@@ -15,21 +15,24 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import onnx
 from tqdm.auto import tqdm
 
 from onnx_lowrank.config import LowRankConfig
-from onnx_lowrank.ranks import select_rank
+from onnx_lowrank.linalg import Factorization
+from onnx_lowrank.ranks import break_even_rank
 from onnx_lowrank.report import LayerResult
 
 from .gemm import match_gemm
 from .graph import QUANTIZED_OPS, Candidate, GraphContext, Rewrite, subgraph_nodes
 from .matmul import match_matmul
+from .planning import PassState, attach_whiteners, choose_ranks, estimate_macs, latency_guard
 
-__all__ = ["apply_lowrank", "find_candidates", "MATCHERS", "FAMILIES"]
+__all__ = ["apply_lowrank", "find_candidates", "PassState", "MATCHERS", "FAMILIES"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +55,13 @@ _OWN_NODE = re.compile(r"/lowrank_[a-z](_\d+)?$")
 
 
 def apply_lowrank(
-    model: onnx.ModelProto, config: LowRankConfig, *, progress: bool = False
+    model: onnx.ModelProto,
+    config: LowRankConfig,
+    *,
+    calibration: Mapping[str, np.ndarray] | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    state: PassState | None = None,
+    progress: bool = False,
 ) -> list[LayerResult]:
     """Factorize the model's eligible weights in place.
 
@@ -62,41 +71,47 @@ def apply_lowrank(
         Modified in place (callers that must keep the original pass a copy).
     config : LowRankConfig
         Targets, rank policy and method.
+    calibration : mapping of str to ndarray, optional
+        ``{input name: (samples, ...)}``; enables whitening (``config.whiten``).
+    input_shapes : mapping, optional
+        Concrete input shapes for the MAC estimates (symbolic dimensions default to 1).
+    state : PassState, optional
+        Reused work (Gram matrices, factorizations) across repeated runs on the same model.
     progress : bool
-        Show a progress bar on stderr while factorizing.
+        Show progress bars on stderr.
 
     Returns
     -------
     list of LayerResult
         One row per MatMul/Gemm/Conv (and quantized matrix op) node, in graph order.
     """
+    state = state if state is not None else PassState()
     ctx = GraphContext(model)
     found = find_candidates(model, config, ctx=ctx)
     rows = [row for row, _ in found]
-    selected: list[tuple[Candidate, int, LayerResult]] = []
-    for row, cand in found:
-        if cand is None:
-            continue
-        choice = select_rank(
-            config,
-            params_before=cand.params_before,
-            max_rank=cand.max_rank,
-            factored_params=cand.factored_params,
-            spectrum=cand.spectrum,
-            default_multiple_of=cand.default_multiple_of,
-        )
-        row.break_even_rank = choice.break_even
-        row.note = choice.note
-        if choice.rank is None:
-            row.reason = choice.reason
-        else:
-            selected.append((cand, choice.rank, row))
+    active = [(row, cand) for row, cand in found if cand is not None]
+    if not active:
+        return rows
 
-    rewrites = _factorize_all(selected, ctx, config, progress)
+    if state.macs is None:
+        state.macs, state.shapes = estimate_macs(model, input_shapes)
+    for row, _ in active:
+        row.macs_before = state.macs.get(row.node)
+    attach_whiteners(model, active, config, calibration, state, progress=progress)
+    selected = latency_guard(choose_ranks(active, config), config)
+
+    rewrites = _factorize_all(selected, ctx, config, state, progress)
+    for row, cand in active:
+        row.note = _join_notes(row.note, cand.note)
     if rewrites:
         _splice(model, rewrites)
         _remove_orphans(model, [cand for cand, _, _ in selected])
     return rows
+
+
+def _join_notes(a: str | None, b: str | None) -> str | None:
+    parts = [p for p in (a, b) if p]
+    return "; ".join(dict.fromkeys(parts)) or None
 
 
 def find_candidates(
@@ -173,32 +188,59 @@ def _factorize_all(
     selected: list[tuple[Candidate, int, LayerResult]],
     ctx: GraphContext,
     config: LowRankConfig,
+    state: PassState,
     progress: bool,
 ) -> dict[int, Rewrite]:
     """Factorize each distinct (weight, view, rank) once and build every node's rewrite."""
-    cache: dict[tuple[Any, int], tuple[Any, dict[str, str], float]] = {}
+    made: dict[tuple[Any, int], tuple[Any, dict[str, str]]] = {}
     rewrites: dict[int, Rewrite] = {}
     bar = tqdm(selected, desc="factorizing", unit="layer", disable=not progress, leave=False)
     for cand, rank, row in bar:
         bar.set_postfix_str(row.node[-40:], refresh=False)
         key = (cand.share_key, rank)
-        if key not in cache:
+        if key not in made:
             start = time.perf_counter()
-            factors = cand.factorize(rank, config)
-            error = cand.relative_error(factors)
-            logger.debug("%s: rank %d in %.3fs, error %.4g", row.node, rank, time.perf_counter() - start, error)
-            cache[key] = (factors, {}, error)
+            factors = _factors(cand, rank, config, state)
+            made[key] = (factors, {})
+            logger.debug("%s: rank %d in %.3fs", row.node, rank, time.perf_counter() - start)
         else:
             logger.info("%s shares weight %r: reusing its factors", row.node, cand.weight.name)
-        factors, names, error = cache[key]
+        factors, names = made[key]
         rewrites[id(cand.node)] = cand.rewrite(ctx, factors, names)
         row.status = "factorized"
+        row.reason = None
         row.rank = rank
         row.params_after = cand.factored_params(rank)
-        row.rel_error = error
+        row.rel_error = cand.relative_error(factors)
+        row.whitened_error = cand.whitened_error(factors)
         row.optimal_error = cand.optimal_error(rank)
+        conv_macs = getattr(cand, "macs", None)  # convs count their intermediate resolutions
+        counted = None
+        if conv_macs is not None and state.shapes:
+            counted = conv_macs(rank, state.shapes.get(cand.node.input[0]), state.shapes.get(cand.node.output[0]))
+        if counted is not None:
+            row.macs_before, row.macs_after = counted
+        elif row.macs_before is not None and row.params_before:
+            row.macs_after = cand.macs_after(rank, row.macs_before)
     bar.close()
     return rewrites
+
+
+def _factors(cand: Candidate, rank: int, config: LowRankConfig, state: PassState) -> Any:
+    """Factors at ``rank``, sliced from a larger cached factorization of the same weight if any."""
+    cached = state.factors.get(cand.share_key)
+    if isinstance(cached, Factorization) and cached.a.shape[1] >= rank:
+        return Factorization(a=np.ascontiguousarray(cached.a[:, :rank]), b=np.ascontiguousarray(cached.b[:rank]),
+                             singular_values=cached.singular_values[:rank], method=cached.method)
+    target = rank
+    if state.prefactorize:
+        target = max(rank, break_even_rank(cand.params_before, cand.factored_params, cand.max_rank) - 1)
+    factors = cand.factorize(target, config)
+    if state.prefactorize or isinstance(factors, Factorization):
+        state.factors[cand.share_key] = factors
+    if target != rank:
+        return _factors(cand, rank, config, state)
+    return factors
 
 
 def _splice(model: onnx.ModelProto, rewrites: dict[int, Rewrite]) -> None:

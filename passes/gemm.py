@@ -18,6 +18,7 @@ and opsets below 11 (``C`` was mandatory, so the first node could not be a Gemm)
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 from onnx import helper
 
@@ -33,7 +34,8 @@ class GemmCandidate(Candidate):
     """A Gemm with constant ``B`` (``side="right"``) or constant ``A`` (``side="left"``)."""
 
     def __init__(self, node: onnx.NodeProto, label: str, weight: ConstantWeight, side: str) -> None:
-        self.side = side
+        self.operand = side
+        self.side = "rows" if side == "right" else "cols"
         self.trans_a = int(attr(node, "transA", 0))
         self.trans_b = int(attr(node, "transB", 0))
         self.alpha = float(attr(node, "alpha", 1.0))
@@ -43,6 +45,16 @@ class GemmCandidate(Candidate):
         super().__init__(node, label, weight, matrix, view="T" if transposed else "")
         self.transposed = bool(transposed)
 
+    @property
+    def activation(self) -> str:
+        return self.node.input[0] if self.operand == "right" else self.node.input[1]
+
+    def features(self, activation: np.ndarray) -> np.ndarray:
+        x = np.asarray(activation)
+        if self.operand == "right":  # rows of op(A)
+            return (x.T if self.trans_a else x).reshape(-1, self.input_dim)
+        return x if self.trans_b else x.T  # columns of op(B) as rows
+
     def rewrite(self, ctx: GraphContext, factors, names: dict[str, str]) -> Rewrite:
         # Keep the weight's storage orientation: op(stored) must equal the factor.
         a, b = (factors.a.T, factors.b.T) if self.transposed else (factors.a, factors.b)
@@ -50,7 +62,7 @@ class GemmCandidate(Candidate):
         hidden = ctx.unique(f"{self.label}/lowrank_hidden")
         c = list(self.node.input[2:3]) if len(self.node.input) > 2 and self.node.input[2] else []
         t = int(self.transposed)
-        if self.side == "right":
+        if self.operand == "right":
             x = self.node.input[0]
             first = _gemm([x, names["a"]], hidden, transA=self.trans_a, transB=t, alpha=self.alpha)
             second = _gemm([hidden, names["b"], *c], self.node.output[0], transB=t, beta=self.beta)

@@ -20,6 +20,7 @@ from onnx import helper, numpy_helper
 
 from onnx_lowrank import linalg
 from onnx_lowrank.config import LowRankConfig
+from onnx_lowrank.whiten import Whitener
 
 __all__ = [
     "Candidate",
@@ -195,6 +196,9 @@ class Candidate:
     """
 
     scheme: str = "svd"
+    #: Which side of ``matrix`` the layer's inputs multiply: ``"rows"`` (``y = x W``) or
+    #: ``"cols"`` (``y = W x``). Whitening by calibration data works on that side.
+    side: str = "rows"
 
     def __init__(
         self,
@@ -212,6 +216,39 @@ class Candidate:
         self.matrix = np.ascontiguousarray(matrix, dtype=compute)
         self.view = view
         self._spectrum: tuple[np.ndarray, float] | None = None
+        self.whitener: Whitener | None = None
+        #: Extra information for the report (fallbacks of a scheme, whitening unavailable, ...).
+        self.note: str | None = None
+
+    # -- calibration -------------------------------------------------------------------------
+    @property
+    def activation(self) -> str | None:
+        """Tensor that carries this layer's inputs, or ``None`` when whitening is unsupported."""
+        return None
+
+    @property
+    def input_dim(self) -> int:
+        return self.shape[0] if self.side == "rows" else self.shape[1]
+
+    @property
+    def feature_key(self) -> tuple[Any, ...]:
+        """Layers reading the same activation with the same key share one Gram matrix."""
+        return (type(self).__name__, self.side, self.input_dim)
+
+    def features(self, activation: np.ndarray) -> np.ndarray:
+        """Input feature rows ``F (N, input_dim)`` of one calibration sample's activation."""
+        raise NotImplementedError
+
+    def set_whitener(self, whitener: Whitener | None) -> None:
+        """Factorize for the output error on calibration data from now on (see ``whiten``)."""
+        self.whitener = whitener
+        self._spectrum = None
+
+    def whitened_error(self, factors: Any) -> float | None:
+        """Relative output error on the calibration data, when whitened."""
+        if self.whitener is None:
+            return None
+        return self.whitener.relative_error(self.matrix, factors.a, factors.b, self.side)
 
     # -- sizes -----------------------------------------------------------------------------
     @property
@@ -246,13 +283,20 @@ class Candidate:
     def spectrum(self, k: int) -> tuple[np.ndarray, float]:
         """Leading singular values (at least ``k`` where available) and ``||W||_F^2``."""
         if self._spectrum is None or len(self._spectrum[0]) < min(k, self.max_rank):
-            total = float(np.sum(np.square(self.matrix, dtype=np.float64)))
-            sigma = linalg.singular_values(self.matrix, k=min(max(k, 1), self.max_rank))
+            # With calibration data the spectrum is that of the whitened matrix: the energy of
+            # the layer's output on that data, which is what ranks should preserve.
+            target = self.matrix if self.whitener is None else self.whitener.apply(self.matrix, self.side)
+            total = float(np.sum(np.square(target, dtype=np.float64)))
+            sigma = linalg.singular_values(target, k=min(max(k, 1), self.max_rank))
             self._spectrum = (np.asarray(sigma, dtype=np.float64), total)
         return self._spectrum
 
     def factorize(self, rank: int, config: LowRankConfig) -> Any:
         """Factors at ``rank``; the result is only consumed by this class's :meth:`rewrite`."""
+        if self.whitener is not None:
+            return self.whitener.factorize(self.matrix, rank, side=self.side, method=config.method,
+                                           power_iters=config.power_iters, oversample=config.oversample,
+                                           seed=config.seed)
         return linalg.factorize(
             self.matrix,
             rank,
@@ -266,8 +310,16 @@ class Candidate:
         """``||W - A B||_F / ||W||_F`` of the matrix view."""
         return float(linalg.relative_frobenius_error(self.matrix, factors.a, factors.b))
 
+    def macs_after(self, rank: int, macs_before: int) -> int:
+        """MACs of the factorized form: per input row, ``r (m + n)`` instead of ``m n``."""
+        return int(round(macs_before * self.factored_params(rank) / self.params_before))
+
     def optimal_error(self, rank: int, exact_limit: int = 1024) -> float | None:
-        """Eckart-Young optimum at ``rank``, when the exact spectrum is cheap enough to know."""
+        """Eckart-Young optimum at ``rank``, when the exact spectrum is cheap enough to know.
+
+        With a whitener it is the optimum of the output error on the calibration data (the
+        whitened matrix's spectrum), comparable with :meth:`whitened_error`.
+        """
         if self.max_rank > exact_limit:
             return None
         sigma, total = self.spectrum(self.max_rank)

@@ -30,13 +30,25 @@ class MatMulCandidate(Candidate):
 
     def __init__(self, node: onnx.NodeProto, label: str, weight: ConstantWeight, side: str) -> None:
         super().__init__(node, label, weight, weight.value)
-        self.side = side
+        # Right weight: inputs are the rows of W (y = x W). Left weight: y = W x, inputs are
+        # the columns of W, i.e. the columns of X.
+        self.operand = side
+        self.side = "rows" if side == "right" else "cols"
+
+    @property
+    def activation(self) -> str:
+        return self.node.input[0] if self.operand == "right" else self.node.input[1]
+
+    def features(self, activation: np.ndarray) -> np.ndarray:
+        if self.operand == "right" or activation.ndim == 1:
+            return activation.reshape(-1, self.input_dim)
+        return np.swapaxes(activation, -1, -2).reshape(-1, self.input_dim)
 
     def rewrite(self, ctx: GraphContext, factors, names: dict[str, str]) -> Rewrite:
         inits = self.factor_initializers(ctx, {"a": factors.a, "b": factors.b}, names)
-        x = self.node.input[0] if self.side == "right" else self.node.input[1]
+        x = self.activation
         hidden = ctx.unique(f"{self.label}/lowrank_hidden")
-        if self.side == "right":
+        if self.operand == "right":
             first = (x, names["a"])  # (X @ A) @ B
             second = (hidden, names["b"])
         else:

@@ -1,0 +1,254 @@
+"""Deciding ranks before anything is rewritten: whitening, per-layer or global ranks, latency.
+
+The driver hands over the candidates (nodes with a matrix view); this module attaches the
+calibration whiteners, estimates each node's MACs, applies the rank policy (a per-layer policy,
+or one global budget allocated across layers) and the latency guard, and returns the rank of
+each candidate or the reason it stays dense.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnx_lowrank.allocation import AllocationLayer, allocate
+from onnx_lowrank.calibration import CalibrationStats, collect_grams
+from onnx_lowrank.config import LowRankConfig
+from onnx_lowrank.flops import count_flops, load_model_skeleton
+from onnx_lowrank.latency import measured_ratio, predicted_ratio
+from onnx_lowrank.ranks import break_even_rank, select_rank
+from onnx_lowrank.report import LayerResult
+from onnx_lowrank.whiten import make_whitener
+
+from .graph import Candidate
+
+__all__ = ["PassState", "attach_whiteners", "estimate_macs", "choose_ranks", "latency_guard"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PassState:
+    """Work reused across runs of the pass on one model (the ``max_error`` search runs it often).
+
+    ``stats`` holds the calibration Gram matrices; ``factors`` the factorization of each shared
+    weight at the largest rank computed so far, from which lower ranks are sliced (the factors
+    are ordered by singular value, so the first ``r`` components are the rank-``r`` truncation).
+    With ``prefactorize`` every weight is factorized once just below its break-even rank.
+    """
+
+    stats: CalibrationStats | None = None
+    factors: dict[Any, Any] = field(default_factory=dict)
+    prefactorize: bool = False
+    macs: dict[str, int] | None = None
+    shapes: dict[str, list[int | None]] | None = None
+
+
+Selected = list[tuple[Candidate, int, LayerResult]]
+
+
+def attach_whiteners(
+    model: onnx.ModelProto,
+    active: Sequence[tuple[LayerResult, Candidate]],
+    config: LowRankConfig,
+    calibration: Mapping[str, np.ndarray] | None,
+    state: PassState,
+    *,
+    progress: bool = False,
+) -> None:
+    """Give every candidate the whitener of its (shared) weight's inputs, from calibration data."""
+    mode = config.whiten
+    if calibration is None or mode == "none":
+        return
+    mode = "full" if mode == "auto" else mode
+    supported = [(row, cand) for row, cand in active if cand.activation is not None]
+    for row, cand in active:
+        if cand.activation is None:
+            cand.note = _join(cand.note, "no calibration whitening for this layer type: factorized data-free")
+    if not supported:
+        return
+    if state.stats is None:
+        state.stats = collect_grams(model, [c for _, c in supported], calibration, progress=progress)
+    groups: dict[Any, list[Candidate]] = defaultdict(list)
+    for _, cand in supported:
+        groups[cand.share_key].append(cand)
+    for members in groups.values():
+        # Nodes sharing a weight share its factors: the output error to minimize is the sum of
+        # theirs, whose Gram matrix is the sum of their Gram matrices.
+        keys = {(c.activation, c.feature_key) for c in members}
+        gram = sum(state.stats.grams[k] for k in keys)
+        whitener = make_whitener(gram, mode, eps=config.whiten_eps)
+        for cand in members:
+            cand.set_whitener(whitener)
+
+
+def estimate_macs(
+    model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None
+) -> tuple[dict[str, int], dict[str, list[int | None]]]:
+    """MACs of each MatMul/Gemm/Conv node (by label), and every tensor's inferred shape.
+
+    Symbolic dimensions the caller does not fix are taken as 1, which is what a batch-1
+    deployment runs; nodes whose shapes stay unknown are absent.
+    """
+    shapes = _concrete_input_shapes(model, input_shapes)
+    try:
+        report = count_flops(model, shapes)
+        macs = {n.name: int(n.macs) for n in report.nodes if n.macs is not None}
+    except Exception as exc:  # shape inference is best effort: MACs are informative only
+        logger.info("MAC estimate unavailable: %s", exc)
+        macs = {}
+    return macs, _tensor_shapes(model, shapes)
+
+
+def _concrete_input_shapes(
+    model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None
+) -> dict[str, list[int]]:
+    shapes = {k: list(v) for k, v in (input_shapes or {}).items()}
+    initializers = {t.name for t in model.graph.initializer}
+    for inp in model.graph.input:
+        if inp.name in shapes or inp.name in initializers or not inp.type.HasField("tensor_type"):
+            continue
+        dims = inp.type.tensor_type.shape.dim
+        shapes[inp.name] = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1 for d in dims]
+    return shapes
+
+
+def _tensor_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) -> dict[str, list[int | None]]:
+    """Inferred shape of every tensor, on a weight-free copy with the inputs pinned."""
+    try:
+        skeleton = load_model_skeleton(model)
+        for inp in skeleton.graph.input:
+            if inp.name in input_shapes and inp.type.HasField("tensor_type"):
+                dims = inp.type.tensor_type.shape.dim
+                if len(dims) == len(input_shapes[inp.name]):
+                    for d, v in zip(dims, input_shapes[inp.name]):
+                        d.Clear()
+                        d.dim_value = int(v)
+        inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
+    except Exception as exc:  # best effort, as above
+        logger.info("shape inference unavailable: %s", exc)
+        return {}
+    g = inferred.graph
+    return {
+        v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+        for v in list(g.input) + list(g.value_info) + list(g.output)
+        if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")
+    }
+
+
+def choose_ranks(
+    active: Sequence[tuple[LayerResult, Candidate]], config: LowRankConfig
+) -> Selected:
+    """Ranks of the candidates by the configured policy; rows of dense layers get the reason."""
+    policy, value = config.policy
+    if policy in ("target_params", "target_flops"):
+        return _global_ranks(active, config, policy, float(value))
+    selected: Selected = []
+    for row, cand in active:
+        choice = select_rank(
+            config,
+            params_before=cand.params_before,
+            max_rank=cand.max_rank,
+            factored_params=cand.factored_params,
+            spectrum=cand.spectrum,
+            default_multiple_of=cand.default_multiple_of,
+        )
+        row.break_even_rank = choice.break_even
+        row.note = _join(row.note, choice.note)
+        if choice.rank is None:
+            row.reason = choice.reason
+        else:
+            selected.append((cand, choice.rank, row))
+    return selected
+
+
+def _global_ranks(
+    active: Sequence[tuple[LayerResult, Candidate]], config: LowRankConfig, policy: str, fraction: float
+) -> Selected:
+    groups: dict[Any, list[tuple[LayerResult, Candidate]]] = defaultdict(list)
+    for row, cand in active:
+        groups[cand.share_key].append((row, cand))
+    layers: list[AllocationLayer] = []
+    dense_total = 0.0
+    for key, members in groups.items():
+        cand = members[0][1]
+        be = break_even_rank(cand.params_before, cand.factored_params, cand.max_rank)
+        for row, _ in members:
+            row.break_even_rank = be
+        if policy == "target_flops":
+            # MACs scale with parameters at fixed rows per inference: cost = params x rows.
+            known = [r.macs_before / r.params_before for r, _ in members if r.macs_before and r.params_before]
+            rows = float(sum(known)) if len(known) == len(members) else float(len(members))
+            if len(known) != len(members):
+                for row, _ in members:
+                    row.note = _join(row.note, "MACs unknown (shapes unresolved): budgeted by parameters")
+        else:
+            rows = 1.0  # a shared weight is stored once
+        dense = cand.params_before * rows
+        dense_total += dense
+        if be < 2:
+            for row, _ in members:
+                row.reason = f"unprofitable at any rank (break-even {be})"
+            continue
+        sigma, total = cand.spectrum(be)
+        energies = np.asarray(sigma, dtype=np.float64) ** 2
+        layers.append(AllocationLayer(
+            key=key, energies=energies, total_energy=total,
+            cost=(lambda r, c=cand, k=rows: c.factored_params(r) * k), dense_cost=dense, break_even=be,
+        ))
+    budget = fraction * dense_total
+    # Layers that cannot gain stay dense and use their full cost from the budget.
+    fixed = dense_total - sum(layer.dense_cost for layer in layers)
+    result = allocate(layers, budget - fixed)
+    unit = "MACs" if policy == "target_flops" else "parameters"
+    logger.info("global allocation: %.4g of %.4g %s, total normalized error %.4g",
+                result.used + fixed, dense_total, unit, result.total_error)
+    if not result.reachable:
+        logger.warning("budget %g of the %s is below rank 1 everywhere: using rank 1", fraction, unit)
+    selected: Selected = []
+    for key, members in groups.items():
+        if key not in result.ranks:
+            continue
+        rank = result.ranks[key]
+        for row, cand in members:
+            if rank is None:
+                row.reason = (f"kept dense by the global {unit} budget {fraction:g}: its spectrum needs "
+                              f"rank >= break-even {row.break_even_rank}")
+            else:
+                row.note = _join(row.note, f"rank from the global {unit} budget {fraction:g}")
+                selected.append((cand, rank, row))
+    return selected
+
+
+def latency_guard(selected: Selected, config: LowRankConfig) -> Selected:
+    """Drop layers whose factorized form would not run faster (``config.latency``)."""
+    if config.latency == "off":
+        return selected
+    kept: Selected = []
+    for cand, rank, row in selected:
+        m, n = cand.shape
+        rows = 1
+        if row.macs_before and row.params_before:
+            rows = max(1, round(row.macs_before / row.params_before))
+        if config.latency == "measure" and cand.op_type != "Conv":
+            ratio, how = measured_ratio(m, n, rank, rows), "measured"
+        else:
+            ratio, how = predicted_ratio(m, n, rank, rows, op=cand.op_type), "predicted"
+        if ratio >= 1.0:
+            row.reason = (f"slower in onnxruntime: {how} time ratio {ratio:.2f} at rank {rank} "
+                          f"({rows} rows per inference)")
+            continue
+        row.note = _join(row.note, f"{how} time ratio {ratio:.2f}")
+        kept.append((cand, rank, row))
+    return kept
+
+
+def _join(a: str | None, b: str | None) -> str | None:
+    parts = [p for p in (a, b) if p]
+    return "; ".join(parts) or None
