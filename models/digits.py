@@ -45,6 +45,9 @@ import numpy as np
 
 MODEL_FILENAME = "digits_mlp.onnx"
 HELDOUT_FILENAME = "digits_heldout.npz"
+CALIBRATION_FILENAME = "digits_calibration.npz"
+#: Training images shipped as calibration data for the demo (never the held-out ones).
+CALIBRATION_SAMPLES = 256
 INPUT_NAME = "pixels"
 OUTPUT_NAME = "logits"
 LABELS_KEY = "labels"
@@ -297,6 +300,8 @@ def build_digits_model(out_dir, *, seed: int = 0, verbose: bool = False) -> dict
     save_npz_deterministic(
         heldout_path, {INPUT_NAME: x_test.astype(np.float32), LABELS_KEY: y_test.astype(np.int64)}
     )
+    calibration_path = out_dir / CALIBRATION_FILENAME
+    save_npz_deterministic(calibration_path, {INPUT_NAME: x_train[:CALIBRATION_SAMPLES].astype(np.float32)})
 
     # verify with onnxruntime on the files as written
     sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
@@ -333,6 +338,8 @@ def build_digits_model(out_dir, *, seed: int = 0, verbose: bool = False) -> dict
         "heldout_bytes": heldout_path.stat().st_size,
         "model_sha256": _sha256(model_path),
         "heldout_sha256": _sha256(heldout_path),
+        "calibration_path": calibration_path,
+        "calibration_sha256": _sha256(calibration_path),
         "num_params": int(sum(w.size + b.size for w, b in params)),
         "energy": energy,
     }

@@ -7,16 +7,24 @@ import os
 import time
 from pathlib import Path
 
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any, Union
+
+import numpy as np
 import onnx
 
-from onnx_lowrank.passes import apply_lowrank
+from onnx_lowrank.passes import PassState, apply_lowrank
 
-from .config import LowRankConfig
+from .calibration import sample_count, split_samples
+from .config import ConfigError, LowRankConfig
 from .flops import count_params
 from .model_io import EXTERNAL_DATA_THRESHOLD, ModelError, load_model, model_file_size
 from .report import Report
 
-__all__ = ["optimize"]
+__all__ = ["optimize", "default_model_path"]
+
+Inputs = Union[str, "os.PathLike[str]", Mapping[str, np.ndarray]]
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +33,8 @@ def optimize(
     model_or_path: onnx.ModelProto | str | os.PathLike[str],
     config: LowRankConfig | None = None,
     *,
+    calibration: Inputs | None = None,
+    validation: Inputs | None = None,
     progress: bool = False,
     check: bool = True,
 ) -> tuple[onnx.ModelProto, Report]:
@@ -38,8 +48,16 @@ def optimize(
     config : LowRankConfig, optional
         Method, rank policy and targets; ``LowRankConfig()`` (RSI, keep 50% of each layer's
         parameters) when omitted.
+    calibration : path-like or mapping of str to ndarray, optional
+        Calibration inputs: an ``.npz`` with one array per model input (first axis = samples)
+        or the same as a dict. Each target layer is then factorized for its output error on
+        these inputs (``config.whiten``), and energies and global allocation use the whitened
+        spectra.
+    validation : path-like or mapping, optional
+        Held-out inputs for ``config.max_error``; by default the last ``config.holdout`` of the
+        calibration samples are held out (and not used for calibration).
     progress : bool
-        Progress bar on stderr while factorizing.
+        Progress bars on stderr (calibration, factorization, search).
     check : bool
         Run ``onnx.checker`` on the result (skipped above the 2 GiB protobuf limit).
 
@@ -81,8 +99,28 @@ def optimize(
     seconds["load"] = time.perf_counter() - start
 
     params_before = count_params(model)
+    details: dict[str, Any] = {}
+    calib = _inputs(calibration, model, "calibration") if calibration is not None else None
+    valid = _inputs(validation, model, "validation") if validation is not None else None
+    if config.max_error is not None and calib is None:
+        raise ConfigError("--max-error needs --calibration DATA.npz: the error is measured on held-out samples")
+    if valid is None and config.max_error is not None:
+        calib, valid = split_samples(calib, config.holdout)  # type: ignore[arg-type]
+    if calib is not None:
+        details["calibration"] = {"samples": sample_count(calib), "whiten": _whiten_mode(config)}
+    if valid is not None:
+        details["validation"] = {"samples": sample_count(valid)}
+    shapes = {name: list(a.shape[1:]) for name, a in calib.items()} if calib is not None else None
+
     start = time.perf_counter()
-    rows = apply_lowrank(model, config, progress=progress)
+    if config.max_error is not None:
+        model, rows, search = _search_budget(model, config, calib, valid, shapes, progress)  # type: ignore[arg-type]
+        details["search"] = search
+    else:
+        state = PassState()
+        rows = apply_lowrank(model, config, calibration=calib, input_shapes=shapes, state=state, progress=progress)
+        if state.stats is not None:
+            details["calibration"]["seconds"] = round(state.stats.seconds, 3)
     seconds["factorize"] = time.perf_counter() - start
 
     if check and _payload_bytes(model) < EXTERNAL_DATA_THRESHOLD:
@@ -101,10 +139,77 @@ def optimize(
         input_path=input_path,
         size_before=size_before,
         seconds=seconds,
+        details=details,
     )
     done = report.factorized
     logger.info("factorized %d of %d candidate layers", len(done), len(rows))
     return model, report
+
+
+def _inputs(data: Inputs, model: onnx.ModelProto, what: str) -> dict[str, np.ndarray]:
+    from . import harness
+
+    try:
+        if isinstance(data, Mapping):
+            return harness.normalize_inputs(dict(data), harness.input_specs(model), source=what)
+        return harness.load_inputs(data, model)
+    except harness.InputError as exc:
+        raise ModelError(f"--{what}: {exc}") from None
+
+
+def _whiten_mode(config: LowRankConfig) -> str:
+    return "full" if config.whiten == "auto" else config.whiten
+
+
+def _search_budget(
+    model: onnx.ModelProto,
+    config: LowRankConfig,
+    calibration: dict[str, np.ndarray],
+    validation: dict[str, np.ndarray],
+    shapes: dict[str, list[int]] | None,
+    progress: bool,
+) -> tuple[onnx.ModelProto, list, dict[str, Any]]:
+    """Smallest global parameter budget whose held-out relative output error is <= max_error.
+
+    Bisection on ``target_params`` over (0, 1]: the error falls as the budget grows (each
+    allocation contains the smaller ones' ranks up to ties), 7 steps resolve the budget to 1/128.
+    Factorizations are computed once per weight just below break-even and sliced, and the Gram
+    matrices once, so each step costs an allocation, a rewrite and one onnxruntime evaluation.
+    """
+    from . import harness
+
+    limit = float(config.max_error)  # type: ignore[arg-type]
+    state = PassState(prefactorize=True)
+    reference = harness.run_samples(harness.create_session(model), validation)
+    steps: list[dict[str, float]] = []
+
+    def evaluate(fraction: float) -> tuple[onnx.ModelProto, list, float]:
+        trial = onnx.ModelProto()
+        trial.CopyFrom(model)
+        cfg = replace(config, max_error=None, target_params=fraction)
+        rows = apply_lowrank(trial, cfg, calibration=calibration, input_shapes=shapes, state=state,
+                             progress=progress and not steps)
+        outputs = harness.run_samples(harness.create_session(trial), validation)
+        error = harness.max_error(harness.compare_outputs(reference, outputs))
+        steps.append({"target_params": round(fraction, 6), "error": float(error)})
+        logger.info("budget %.4f: held-out error %.4g", fraction, error)
+        return trial, rows, error
+
+    lo, hi = 0.0, 1.0
+    best = None
+    for _ in range(7):
+        mid = (lo + hi) / 2
+        trial, rows, error = evaluate(mid)
+        if error <= limit:
+            hi, best = mid, (trial, rows, error)
+        else:
+            lo = mid
+    if best is None:  # nothing below the limit except keeping every layer dense
+        best = evaluate(1.0)
+    trial, rows, error = best
+    search = {"max_error": limit, "target_params": hi, "error": error, "steps": steps,
+              "reached": error <= limit}
+    return trial, rows, search
 
 
 def _payload_bytes(model: onnx.ModelProto) -> int:

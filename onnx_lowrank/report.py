@@ -56,6 +56,7 @@ class Report:
     size_before: int | None = None
     size_after: int | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
 
     @property
     def factorized(self) -> list[LayerResult]:
@@ -107,22 +108,26 @@ class Report:
             "config": self.config,
             "layers": layers,
             "totals": self.totals(),
+            **self.details,
         }
 
     def to_json(self, indent: int = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, sort_keys=False)
 
-    def format_table(self, *, max_reason: int = 90) -> str:
+    def format_table(self, *, max_reason: int = 160) -> str:
         """The human table: one row per candidate node, then totals."""
-        header = ["node", "op", "shape", "rank", "params", "-> after", "rel.err", "optimal", "status"]
+        whitened = any(r.whitened_error is not None for r in self.layers)
+        header = ["node", "op", "shape", "rank", "params", "-> after", "w.err"]
+        header += ["out.err", "optimal", "status"] if whitened else ["optimal", "status"]
         rows: list[list[str]] = []
         for r in self.layers:
             shape = f"{r.shape[0]}x{r.shape[1]}" if r.shape else "-"
             if r.factorized:
                 status = "factorized" + (f" ({r.scheme})" if r.scheme and r.scheme != "svd" else "")
+                errors = [_fmt_err(r.rel_error)] + ([_fmt_err(r.whitened_error)] if whitened else [])
                 rows.append([
                     r.node, r.op, shape, str(r.rank), format_count(r.params_before),
-                    format_count(r.params_after), _fmt_err(r.rel_error), _fmt_err(r.optimal_error), status,
+                    format_count(r.params_after), *errors, _fmt_err(r.optimal_error), status,
                 ])
             else:
                 reason = r.reason or "skipped"
@@ -130,12 +135,24 @@ class Report:
                     reason = reason[: max_reason - 3] + "..."
                 rows.append([
                     r.node, r.op, shape, "-", format_count(r.params_before), "-", "-", "-",
-                    f"skipped: {reason}",
+                    *(["-"] if whitened else []), f"skipped: {reason}",
                 ])
         widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
         widths[-1] = len(header[-1])  # the last column is free text, do not pad it
         lines = [_row(header, widths), _row(["-" * w for w in widths], widths)]
         lines += [_row(row, widths) for row in rows]
+        lines.append("")
+        legend = "w.err: relative error of the weight, ||W - AB|| / ||W||"
+        if whitened:
+            legend += ("; out.err: relative error of the layer's output on the calibration data (what was "
+                       "minimized); optimal: the best possible out.err at that rank")
+        else:
+            legend += "; optimal: the best possible at that rank (Eckart-Young)"
+        lines.append(legend)
+        notes = [f"  {r.node}: {r.note}" for r in self.layers if r.note]
+        if notes:
+            lines.append("notes:")
+            lines.extend(notes)
         t = self.totals()
         lines.append("")
         lines.append(

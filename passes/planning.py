@@ -218,10 +218,9 @@ def _global_ranks(
         rank = result.ranks[key]
         for row, cand in members:
             if rank is None:
-                row.reason = (f"kept dense by the global {unit} budget {fraction:g}: its spectrum needs "
-                              f"rank >= break-even {row.break_even_rank}")
+                row.reason = (f"kept dense by the global {unit} budget {fraction:g}: the budget is better spent "
+                              f"keeping it whole than at a rank below its break-even {row.break_even_rank}")
             else:
-                row.note = _join(row.note, f"rank from the global {unit} budget {fraction:g}")
                 selected.append((cand, rank, row))
     return selected
 
