@@ -1,0 +1,61 @@
+"""Global rank allocation: within budget, better than uniform ranks, dense where worth it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from onnx_lowrank.allocation import AllocationLayer, allocate
+from onnx_lowrank.ranks import break_even_rank, linear_factored_params
+
+
+def _layer(key, m, n, decay):
+    s = np.arange(1, min(m, n) + 1, dtype=float) ** -decay
+    cost = linear_factored_params(m, n)
+    return AllocationLayer(key=key, energies=s**2, total_energy=float(np.sum(s**2)), cost=cost,
+                           dense_cost=m * n, break_even=break_even_rank(m * n, cost, min(m, n)))
+
+
+LAYERS = [_layer("steep", 256, 256, 1.5), _layer("flat", 256, 256, 0.1), _layer("mid", 128, 512, 0.5),
+          _layer("small", 64, 64, 1.0)]
+DENSE = sum(layer.dense_cost for layer in LAYERS)
+
+
+@pytest.mark.parametrize("fraction", [0.2, 0.35, 0.5])
+def test_budget_is_met_and_filled(fraction):
+    budget = fraction * DENSE
+    result = allocate(LAYERS, budget)
+    used = sum(l.dense_cost if result.ranks[l.key] is None else l.cost(result.ranks[l.key]) for l in LAYERS)
+    assert used == pytest.approx(result.used) and used <= budget
+    # filled up to less than one unit of the widest layer (m + n = 640)
+    assert budget - used < 640
+
+
+@pytest.mark.parametrize("fraction", [0.2, 0.35, 0.5])
+def test_beats_uniform_ratio_at_equal_budget(fraction):
+    result = allocate(LAYERS, fraction * DENSE)
+    uniform = {l.key: max(1, int(fraction * l.dense_cost / l.cost(1))) for l in LAYERS}
+    uniform_error = sum(l.tail(uniform[l.key]) for l in LAYERS)
+    assert sum(l.cost(uniform[l.key]) for l in LAYERS) <= fraction * DENSE
+    assert result.total_error < 0.9 * uniform_error
+    # the flat spectrum gets more rank than the steep one
+    flat, steep = result.ranks["flat"], result.ranks["steep"]
+    assert flat is None or (steep is not None and flat > steep)
+
+
+def test_flat_layer_goes_dense_when_budget_allows():
+    result = allocate(LAYERS, 0.9 * DENSE)
+    assert result.ranks["flat"] is None  # dense: below break-even it would keep losing energy
+
+
+def test_unreachable_budget_gives_rank_one_everywhere():
+    result = allocate(LAYERS, 10)
+    assert not result.reachable and all(r == 1 for r in result.ranks.values())
+
+
+def test_exactly_low_rank_layer_never_buys_more_than_needed():
+    m = n = 64
+    energies = np.array([4.0, 1.0] + [0.0] * 62)
+    cost = linear_factored_params(m, n)
+    layer = AllocationLayer("lowrank", energies, 5.0, cost, m * n, break_even_rank(m * n, cost, 64))
+    assert allocate([layer], 10 * m * n).ranks["lowrank"] == 2
