@@ -23,7 +23,6 @@ import onnx
 from tqdm.auto import tqdm
 
 from onnx_lowrank.config import LowRankConfig
-from onnx_lowrank.linalg import Factorization
 from onnx_lowrank.ranks import break_even_rank
 from onnx_lowrank.report import LayerResult
 
@@ -229,18 +228,19 @@ def _factorize_all(
 def _factors(cand: Candidate, rank: int, config: LowRankConfig, state: PassState) -> Any:
     """Factors at ``rank``, sliced from a larger cached factorization of the same weight if any."""
     cached = state.factors.get(cand.share_key)
-    if isinstance(cached, Factorization) and cached.a.shape[1] >= rank:
-        return Factorization(a=np.ascontiguousarray(cached.a[:, :rank]), b=np.ascontiguousarray(cached.b[:rank]),
-                             singular_values=cached.singular_values[:rank], method=cached.method)
+    if cached is not None:
+        sliced = cand.truncate(cached, rank)
+        if sliced is not None:
+            return sliced
     target = rank
     if state.prefactorize:
         target = max(rank, break_even_rank(cand.params_before, cand.factored_params, cand.max_rank) - 1)
     factors = cand.factorize(target, config)
-    if state.prefactorize or isinstance(factors, Factorization):
-        state.factors[cand.share_key] = factors
-    if target != rank:
-        return _factors(cand, rank, config, state)
-    return factors
+    sliced = cand.truncate(factors, rank) if target != rank else factors
+    if sliced is None:  # this scheme's factors cannot be truncated: factorize at the rank itself
+        return cand.factorize(rank, config)
+    state.factors[cand.share_key] = factors
+    return sliced
 
 
 def _splice(model: onnx.ModelProto, rewrites: dict[int, Rewrite]) -> None:

@@ -178,6 +178,51 @@ class ConvGeometry:
         return ConvGeometry((1,) * d, (1,) * d, (1,) * d, (0,) * (2 * d), "NOTSET", group)
 
 
+def conv_pads(geometry: ConvGeometry, spatial: Sequence[int]) -> list[tuple[int, int]]:
+    """(begin, end) padding per spatial axis, resolving ``auto_pad`` for an input of ``spatial`` size."""
+    d = geometry.ndim
+    if geometry.auto_pad == "VALID":
+        return [(0, 0)] * d
+    if geometry.auto_pad == "NOTSET":
+        return [(geometry.pads[i], geometry.pads[i + d]) for i in range(d)]
+    out = []
+    for size, k, s, dil in zip(spatial, geometry.kernel, geometry.strides, geometry.dilations):
+        total = max((-(-size // s) - 1) * s + (k - 1) * dil + 1 - size, 0)
+        small, large = total // 2, total - total // 2
+        out.append((small, large) if geometry.auto_pad == "SAME_UPPER" else (large, small))
+    return out
+
+
+#: At most this many patch rows per calibration sample enter the Gram matrix (an evenly
+#: strided subset beyond it): a 112x112 feature map has 12544 rows, and the Gram matrix of a
+#: few thousand well-spread patches already pins down the input statistics.
+MAX_PATCHES_PER_SAMPLE = 4096
+
+
+def conv_patches(x: np.ndarray, geometry: ConvGeometry) -> np.ndarray:
+    """im2col: the receptive fields of a (group 1) Conv as rows ``(C * prod(kernel))``.
+
+    Rows are ordered like ``W.reshape(M, -1)``'s columns (channel-major, then kernel taps), so
+    ``patches @ W.reshape(M, -1).T`` is the conv's output at every position, without bias.
+    """
+    d = geometry.ndim
+    if x.ndim == d + 1:
+        x = x[None]
+    n, c = x.shape[:2]
+    pads = conv_pads(geometry, x.shape[2:])
+    if any(p for pair in pads for p in pair):
+        x = np.pad(x, [(0, 0), (0, 0), *pads])
+    span = [(k - 1) * dil + 1 for k, dil in zip(geometry.kernel, geometry.dilations)]
+    windows = np.lib.stride_tricks.sliding_window_view(x, span, axis=tuple(range(2, 2 + d)))
+    pick = (slice(None), slice(None)) + tuple(slice(None, None, s) for s in geometry.strides) \
+        + tuple(slice(None, None, dil) for dil in geometry.dilations)
+    windows = windows[pick]  # [N, C, *out, *kernel]
+    order = [0, *range(2, 2 + d), 1, *range(2 + d, 2 + 2 * d)]
+    rows = windows.transpose(order).reshape(-1, c * math.prod(geometry.kernel))
+    step = -(-rows.shape[0] // (MAX_PATCHES_PER_SAMPLE * n))
+    return rows[::step] if step > 1 else rows
+
+
 # ------------------------------------------------------------------------------------------
 # Factor containers (only read by the candidate that made them)
 # ------------------------------------------------------------------------------------------
@@ -256,8 +301,8 @@ class ConvCandidate(Candidate):
 
     @property
     def activation(self) -> str | None:
-        # Whitening by calibration activations (im2col patches for the rows of ``matrix``) is
-        # not implemented for convs yet: None makes the driver factorize them data-free.
+        # Whitening needs the scheme's input features: weight-svd (group 1) provides them; the
+        # other schemes factorize data-free and the report says so.
         return None
 
     @property
@@ -343,6 +388,13 @@ class _TwoFactorCandidate(ConvCandidate):
             s.append(f.singular_values)
         return ConvFactors(a, b, s)
 
+    def truncate(self, factors: Any, rank: int) -> ConvFactors | None:
+        if not isinstance(factors, ConvFactors) or factors.rank < rank:
+            return None
+        return ConvFactors([np.ascontiguousarray(a[:, :rank]) for a in factors.a],
+                           [np.ascontiguousarray(b[:rank]) for b in factors.b],
+                           [sv[:rank] for sv in factors.singular_values])
+
     def relative_error(self, factors: ConvFactors) -> float:
         """``||W - A B||_F / ||W||_F`` over all groups (the groups' residuals add up)."""
         num = 0.0
@@ -385,6 +437,31 @@ class WeightSVDCandidate(_TwoFactorCandidate):
                  **kwargs: Any) -> None:
         w = weight.value
         super().__init__(node, label, weight, w.reshape(w.shape[0], -1).T, geometry, **kwargs)
+
+    # -- calibration: whitening by the input patches (group 1; grouped convs stay data-free) --
+    @property
+    def activation(self) -> str | None:
+        return self.node.input[0] if self.groups == 1 else None
+
+    def features(self, activation: np.ndarray) -> np.ndarray:
+        return conv_patches(np.asarray(activation), self.geometry)
+
+    def spectrum(self, k: int) -> tuple[np.ndarray, float]:
+        if self.whitener is not None:
+            return Candidate.spectrum(self, k)
+        return super().spectrum(k)
+
+    def factorize(self, rank: int, config: LowRankConfig) -> ConvFactors:
+        if self.whitener is None:
+            return super().factorize(rank, config)
+        f = self.whitener.factorize(self.matrix, rank, side="rows", method=config.method,
+                                    power_iters=config.power_iters, oversample=config.oversample, seed=config.seed)
+        return ConvFactors([f.a], [f.b], [f.singular_values])
+
+    def whitened_error(self, factors: ConvFactors) -> float | None:
+        if self.whitener is None:
+            return None
+        return self.whitener.relative_error(self.matrix, factors.a[0], factors.b[0], "rows")
 
     def _kernels(self, factors: ConvFactors) -> tuple[np.ndarray, np.ndarray]:
         r = factors.rank

@@ -306,6 +306,16 @@ class Candidate:
             seed=config.seed,
         )
 
+    def truncate(self, factors: Any, rank: int) -> Any | None:
+        """The rank-``rank`` factors contained in larger ones, or ``None`` if ``factors`` are too
+        small or of a kind that cannot be truncated. Components are ordered by singular value, so
+        the leading ``rank`` of them are the rank-``rank`` truncation."""
+        if not isinstance(factors, linalg.Factorization) or factors.a.shape[1] < rank:
+            return None
+        return linalg.Factorization(a=np.ascontiguousarray(factors.a[:, :rank]),
+                                    b=np.ascontiguousarray(factors.b[:rank]),
+                                    singular_values=factors.singular_values[:rank], method=factors.method)
+
     def relative_error(self, factors: Any) -> float:
         """``||W - A B||_F / ||W||_F`` of the matrix view."""
         return float(linalg.relative_frobenius_error(self.matrix, factors.a, factors.b))
