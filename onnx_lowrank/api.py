@@ -113,14 +113,30 @@ def optimize(
     shapes = {name: list(a.shape[1:]) for name, a in calib.items()} if calib is not None else None
 
     start = time.perf_counter()
+    table = None
+    state = PassState(prefactorize=config.max_error is not None or config.allocation == "measured")
+    if config.allocation == "measured":
+        if calib is None:
+            raise ConfigError("--allocation measured needs --calibration DATA.npz: losses are measured on it")
+        from .sensitivity import measure_sensitivity
+
+        table = measure_sensitivity(model, config, calib, state, input_shapes=shapes, progress=progress)
+        details["sensitivity"] = table.to_dict()
+        seconds["sensitivity"] = time.perf_counter() - start
     if config.max_error is not None:
-        model, rows, search = _search_budget(model, config, calib, valid, shapes, progress)  # type: ignore[arg-type]
+        model, rows, search = _search_budget(model, config, calib, valid, shapes, state, table, progress)  # type: ignore[arg-type]
         details["search"] = search
     else:
-        state = PassState()
-        rows = apply_lowrank(model, config, calibration=calib, input_shapes=shapes, state=state, progress=progress)
-        if state.stats is not None:
-            details["calibration"]["seconds"] = round(state.stats.seconds, 3)
+        fixed = None
+        if table is not None:
+            from .sensitivity import allocate_measured
+
+            fixed, loss = allocate_measured(table, float(config.target_params or config.target_flops))  # type: ignore[arg-type]
+            details["sensitivity"]["estimated_loss"] = loss
+        rows = apply_lowrank(model, config, calibration=calib, input_shapes=shapes, state=state,
+                             fixed_ranks=fixed, progress=progress)
+    if state.stats is not None:
+        details["calibration"]["seconds"] = round(state.stats.seconds, 3)
     seconds["factorize"] = time.perf_counter() - start
 
     if check and _payload_bytes(model) < EXTERNAL_DATA_THRESHOLD:
@@ -167,6 +183,8 @@ def _search_budget(
     calibration: dict[str, np.ndarray],
     validation: dict[str, np.ndarray],
     shapes: dict[str, list[int]] | None,
+    state: PassState,
+    table: Any,
     progress: bool,
 ) -> tuple[onnx.ModelProto, list, dict[str, Any]]:
     """Smallest global parameter budget whose held-out relative output error is <= max_error.
@@ -179,7 +197,6 @@ def _search_budget(
     from . import harness
 
     limit = float(config.max_error)  # type: ignore[arg-type]
-    state = PassState(prefactorize=True)
     reference = harness.run_samples(harness.create_session(model), validation)
     steps: list[dict[str, float]] = []
 
@@ -187,8 +204,13 @@ def _search_budget(
         trial = onnx.ModelProto()
         trial.CopyFrom(model)
         cfg = replace(config, max_error=None, target_params=fraction)
+        fixed = None
+        if table is not None:
+            from .sensitivity import allocate_measured
+
+            fixed, _ = allocate_measured(table, fraction)
         rows = apply_lowrank(trial, cfg, calibration=calibration, input_shapes=shapes, state=state,
-                             progress=progress and not steps)
+                             fixed_ranks=fixed, progress=progress and not steps)
         outputs = harness.run_samples(harness.create_session(trial), validation)
         error = harness.max_error(harness.compare_outputs(reference, outputs))
         steps.append({"target_params": round(fraction, 6), "error": float(error)})

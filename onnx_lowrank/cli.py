@@ -20,7 +20,7 @@ from typing import NoReturn
 
 from . import __version__
 from .api import default_model_path, optimize
-from .config import CONV_SCHEMES, LATENCY_MODES, METHODS, WHITEN_MODES, ConfigError, LowRankConfig
+from .config import ALLOCATIONS, CONV_SCHEMES, LATENCY_MODES, METHODS, WHITEN_MODES, ConfigError, LowRankConfig
 from .model_io import ModelError, check_output_path, model_file_size, save_model
 
 __all__ = ["main", "build_parser", "config_from_args"]
@@ -95,6 +95,10 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                    help="held-out inputs for --max-error (default: the last --holdout of the calibration samples)")
     d.add_argument("--holdout", type=_fraction, default=0.2, metavar="F",
                    help="fraction of calibration samples held out for --max-error (default 0.2)")
+    d.add_argument("--allocation", choices=ALLOCATIONS, default="energy",
+                   help="how --target-params/--target-flops/--max-error spend the budget: energy (normalized, whitened "
+                   "spectral energy per parameter) or measured (each layer truncated alone to 5 ranks, the model's "
+                   "output loss measured in onnxruntime; needs --calibration)")
     d.add_argument("--latency", choices=LATENCY_MODES, default="off",
                    help="keep layers dense when factorized they would not run faster in onnxruntime: "
                    "model (cost model) or measure (timed once per layer shape here); default off")
@@ -130,6 +134,7 @@ def config_from_args(args: argparse.Namespace) -> LowRankConfig:
         max_error=args.max_error if getattr(args, "calibration", None) and getattr(args, "max_error", None) else None,
         holdout=args.holdout,
         latency=args.latency,
+        allocation=args.allocation,
     )
 
 

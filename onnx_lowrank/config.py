@@ -13,6 +13,7 @@ OP_TYPES = ("MatMul", "Gemm", "Conv")
 CONV_SCHEMES = ("weight-svd", "spatial-svd", "tucker2")
 WHITEN_MODES = ("auto", "full", "diag", "none")
 LATENCY_MODES = ("off", "model", "measure")
+ALLOCATIONS = ("energy", "measured")
 
 #: Used when the caller names no rank policy: keep half of every layer's parameters. It is the
 #: design card's headline example and a predictable starting point; energy would hide how much
@@ -77,6 +78,10 @@ class LowRankConfig:
     holdout : float
         Fraction of the calibration samples held out for ``max_error`` when no validation set
         is given.
+    allocation : {"energy", "measured"}
+        How a global budget is spent: by normalized (whitened) spectral energy per parameter, or
+        by the measured loss of the model's output when each layer alone is truncated to a few
+        candidate ranks (needs calibration data; AIMET's idea, run by onnxruntime).
     latency : {"off", "model", "measure"}
         Keep a layer dense when the factorized form would not run faster in onnxruntime:
         predicted by a cost model, or measured once per layer shape on this machine.
@@ -103,6 +108,7 @@ class LowRankConfig:
     max_error: float | None = None
     holdout: float = 0.2
     latency: str = "off"
+    allocation: str = "energy"
 
     def __post_init__(self) -> None:
         # Accept lists from callers but store tuples so the config stays hashable and frozen.
@@ -137,6 +143,11 @@ class LowRankConfig:
             raise ConfigError(f"--whiten-eps must be in [0, 1), got {self.whiten_eps!r}")
         if not (_is_real(self.holdout) and 0.0 < self.holdout < 1.0):
             raise ConfigError(f"--holdout must be in (0, 1), got {self.holdout!r}")
+        if self.allocation not in ALLOCATIONS:
+            raise ConfigError(f"--allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
+        if self.allocation == "measured" and self.target_params is None and self.target_flops is None \
+                and self.max_error is None:
+            raise ConfigError("--allocation measured spends a global budget: give --target-params or --target-flops")
         if self.latency not in LATENCY_MODES:
             raise ConfigError(f"--latency must be one of {', '.join(LATENCY_MODES)}, got {self.latency!r}")
         if self.rank is not None and (not _is_int(self.rank) or self.rank < 1):

@@ -60,6 +60,7 @@ def apply_lowrank(
     calibration: Mapping[str, np.ndarray] | None = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     state: PassState | None = None,
+    fixed_ranks: Mapping[str, int | None] | None = None,
     progress: bool = False,
 ) -> list[LayerResult]:
     """Factorize the model's eligible weights in place.
@@ -76,6 +77,9 @@ def apply_lowrank(
         Concrete input shapes for the MAC estimates (symbolic dimensions default to 1).
     state : PassState, optional
         Reused work (Gram matrices, factorizations) across repeated runs on the same model.
+    fixed_ranks : mapping of str to int or None, optional
+        Ranks decided elsewhere (the measured-sensitivity allocation), by node label; ``None``
+        or a missing label keeps the layer dense. Replaces the config's rank policy.
     progress : bool
         Show progress bars on stderr.
 
@@ -97,7 +101,17 @@ def apply_lowrank(
     for row, _ in active:
         row.macs_before = state.macs.get(row.node)
     attach_whiteners(model, active, config, calibration, state, progress=progress)
-    selected = latency_guard(choose_ranks(active, config), config)
+    if fixed_ranks is None:
+        selected = choose_ranks(active, config)
+    else:
+        selected = []
+        for row, cand in active:
+            rank = fixed_ranks.get(row.node)
+            if rank is None:
+                row.reason = "kept dense by the measured-sensitivity allocation (budget better spent elsewhere)"
+            else:
+                selected.append((cand, rank, row))
+    selected = latency_guard(selected, config)
 
     rewrites = _factorize_all(selected, ctx, config, state, progress)
     for row, cand in active:

@@ -48,6 +48,7 @@ class PassState:
     prefactorize: bool = False
     macs: dict[str, int] | None = None
     shapes: dict[str, list[int | None]] | None = None
+    whiteners: dict[Any, Any] = field(default_factory=dict)
 
 
 Selected = list[tuple[Candidate, int, LayerResult]]
@@ -73,17 +74,28 @@ def attach_whiteners(
             cand.note = _join(cand.note, "no calibration whitening for this layer type: factorized data-free")
     if not supported:
         return
-    if state.stats is None:
-        state.stats = collect_grams(model, [c for _, c in supported], calibration, progress=progress)
+    have = state.stats.grams if state.stats is not None else {}
+    missing = [c for _, c in supported if (c.activation, c.feature_key) not in have]
+    if missing:  # one onnxruntime pass for every layer input not seen yet (usually all, once)
+        stats = collect_grams(model, missing, calibration, progress=progress)
+        if state.stats is None:
+            state.stats = stats
+        else:
+            state.stats.grams.update(stats.grams)
+            state.stats.rows.update(stats.rows)
+            state.stats.seconds += stats.seconds
     groups: dict[Any, list[Candidate]] = defaultdict(list)
     for _, cand in supported:
         groups[cand.share_key].append(cand)
     for members in groups.values():
         # Nodes sharing a weight share its factors: the output error to minimize is the sum of
         # theirs, whose Gram matrix is the sum of their Gram matrices.
-        keys = {(c.activation, c.feature_key) for c in members}
-        gram = sum(state.stats.grams[k] for k in keys)
-        whitener = make_whitener(gram, mode, eps=config.whiten_eps)
+        cache_key = (members[0].share_key, mode, config.whiten_eps)
+        whitener = state.whiteners.get(cache_key)
+        if whitener is None:
+            keys = {(c.activation, c.feature_key) for c in members}
+            gram = sum(state.stats.grams[k] for k in keys)
+            whitener = state.whiteners[cache_key] = make_whitener(gram, mode, eps=config.whiten_eps)
         for cand in members:
             cand.set_whitener(whitener)
 

@@ -59,3 +59,21 @@ def test_exactly_low_rank_layer_never_buys_more_than_needed():
     cost = linear_factored_params(m, n)
     layer = AllocationLayer("lowrank", energies, 5.0, cost, m * n, break_even_rank(m * n, cost, 64))
     assert allocate([layer], 10 * m * n).ranks["lowrank"] == 2
+
+
+def test_measured_allocation_on_a_synthetic_table():
+    from onnx_lowrank.sensitivity import LayerOptions, SensitivityTable, allocate_measured
+
+    table = SensitivityTable(
+        layers=[
+            LayerOptions(["a"], [(1, 100, 0.9), (10, 1000, 0.1), (None, 4000, 0.0)]),
+            LayerOptions(["b1", "b2"], [(1, 100, 0.05), (10, 1000, 0.01), (None, 4000, 0.0)]),
+        ],
+        dense_total=8000, unit="parameters", seconds=0.0,
+    )
+    ranks, loss = allocate_measured(table, 1100 / 8000)  # room for one upgrade: the sensitive layer
+    assert ranks == {"a": 10, "b1": 1, "b2": 1} and loss == pytest.approx(0.15)
+    ranks, _ = allocate_measured(table, 1.0)
+    assert ranks == {"a": None, "b1": None, "b2": None}
+    ranks, _ = allocate_measured(table, 0.01)  # below rank 1 everywhere: the smallest model
+    assert ranks == {"a": 1, "b1": 1, "b2": 1}

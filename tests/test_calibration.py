@@ -122,3 +122,17 @@ def test_latency_guard_keeps_slow_layers_dense():
     # at one row per inference these small layers are call-overhead bound
     assert rows["fc3/Gemm"].reason.startswith("slower in onnxruntime: predicted time ratio")
     assert rows["fc2/MatMul"].status == "factorized"
+
+
+def test_measured_allocation_within_budget():
+    model, report = optimize(MODEL, LowRankConfig(target_params=0.25, allocation="measured"), calibration=CALIB)
+    t = report.totals()
+    kept = t["candidate_params"] - t["factorized_params_before"] + t["factorized_params_after"]
+    assert kept <= 0.25 * t["candidate_params"]
+    assert _accuracy(model) >= 0.96
+    layers = report.details["sensitivity"]["layers"]
+    assert len(layers) == 3 and all(opt["options"][-1]["rank"] is None for opt in layers)
+    # measured losses fall as the rank grows (monotone by construction, and really measured)
+    for layer in layers:
+        losses = [o["loss"] for o in layer["options"]]
+        assert losses == sorted(losses, reverse=True) and losses[0] > losses[-2] > 0
