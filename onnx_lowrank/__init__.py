@@ -44,6 +44,16 @@ from .report import LayerResult, Report  # noqa: E402
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # LowRankPass needs the optional onnx-ir; import it only when asked for (not in __all__, so
+    # that ``from onnx_lowrank import *`` works without onnx-ir).
+    if name == "LowRankPass":
+        from .ir_pass import LowRankPass
+
+        return LowRankPass
+    raise AttributeError(f"module 'onnx_lowrank' has no attribute {name!r}")
+
 __all__ = [
     "LayerResult",
     "LowRankConfig",

@@ -11,11 +11,12 @@ The JSON has exactly the keys of the issue::
      "latency": {provider: {"original_ms", "compressed_ms", "ratio", "p90_original_ms",
                             "p90_compressed_ms", "flop_ratio", ...}},
      "providers": {"requested", "used", "unavailable", ...},
-     "mobile": {"nnapi", "coreml", "ort_format"}}
+     "mobile": {"nnapi", "coreml", "ort_format"},
+     "arm64": {"available", "status", "onnxruntime", "outputs", ...}}   # with --arm64
 
-``accuracy``, ``latency`` and ``mobile`` compare the original with the first compressed model;
+``accuracy``, ``latency``, ``mobile`` and ``arm64`` compare the original with the first compressed model;
 with several compressed models, each further one's entry in ``models`` carries its own
-``accuracy``, ``latency`` and ``mobile``. Latency is keyed by the provider that actually ran the
+``accuracy``, ``latency``, ``mobile`` and ``arm64``. Latency is keyed by the provider that actually ran the
 nodes, never by a requested provider that onnxruntime silently replaced by the CPU.
 
 Exit codes: 0 success; 1 a failure (a model does not run, ``--max-error`` exceeded, a mobile
@@ -35,6 +36,7 @@ from typing import Any, Sequence
 import numpy as np
 import onnxruntime as ort
 
+from onnx_lowrank import arm64 as A
 from onnx_lowrank import harness as H
 
 logger = logging.getLogger(__name__)
@@ -87,6 +89,21 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     o = parser.add_argument_group("checks and output")
     o.add_argument("--mobile", action="store_true",
                    help="NNAPI/CoreML usability, conversion to ORT format (arm) and its required operators")
+    a = parser.add_argument_group(
+        "ARM64 (emulated)",
+        "Run the models on onnxruntime's ARM64 CPU build (the kernels of Android/iOS CPU execution) under "
+        "qemu-user emulation and compare their outputs with x86. Prepare the runtime once with "
+        "'onnx-lowrank arm64-setup'. Emulated run times are NOT reported as latency: qemu translates every "
+        "ARM instruction into several x86 ones on this machine's cores and memory, so the time says nothing "
+        "about a phone; only outputs and operator coverage are real.")
+    a.add_argument("--arm64", action="store_true",
+                   help="run original and compressed models (and their .ort files with --mobile) on ARM64 "
+                   "onnxruntime; report ARM64 accuracy and the ARM64-vs-x86 difference of each model")
+    a.add_argument("--arm64-cache", metavar="DIR",
+                   help="the runtime prepared by arm64-setup (default $ONNX_LOWRANK_ARM64_CACHE, else "
+                   "~/.cache/onnx-lowrank/arm64)")
+    a.add_argument("--arm64-samples", type=int, default=A.DEFAULT_SAMPLES, metavar="N",
+                   help=f"samples run under emulation (default {A.DEFAULT_SAMPLES}; each costs an emulated run)")
     o.add_argument("--max-error", type=float, metavar="E",
                    help="exit 1 when any output's rel_l2 (mean_abs for near-zero outputs) exceeds E")
     o.add_argument("--json", metavar="PATH", help="write the full report as JSON")
@@ -157,6 +174,8 @@ def _check_args(args: argparse.Namespace) -> list[str]:
         raise H.InputError(f"--warmup must be >= 0, got {args.warmup}")
     if args.samples is not None and args.samples < 1:
         raise H.InputError(f"--samples must be >= 1, got {args.samples}")
+    if getattr(args, "arm64_samples", 1) < 1:
+        raise H.InputError(f"--arm64-samples must be >= 1, got {args.arm64_samples}")
     providers = [p.strip() for p in args.providers.split(",") if p.strip()]
     if not providers:
         raise H.InputError("--providers is empty; e.g. --providers CPUExecutionProvider")
@@ -257,6 +276,7 @@ def bench(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
     raw_times: dict[str, list[list[float]]] = {}
     requested_as: dict[str, list[str]] = {}
     accuracy_by_model: list[dict[str, Any]] = []
+    x86_outputs: list[dict[str, list[Any]]] | None = None  # per model, of the first provider's run
     feeds = [H.sample_feed(inputs, i) for i in range(H.num_samples(inputs))]
 
     for p in providers:
@@ -280,11 +300,14 @@ def bench(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
 
         if not accuracy_by_model:
             outputs = [H.run_samples(s, inputs) for s in sessions]
+            if x86_outputs is None:
+                x86_outputs = outputs
             accuracy_by_model = [
                 H.compare_outputs(outputs[0], out, labels=labels) for out in outputs[1:]
             ]
             if labels is not None and not args.compressed:
                 H.compare_outputs(outputs[0], outputs[0], labels=labels)  # validates the labels
+
 
         if key in requested_as:
             requested_as[key].append(p)
@@ -329,6 +352,11 @@ def bench(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
     if args.mobile:
         mobile_by_model = H.mobile_report(args.original, args.compressed, inputs)
 
+    arm64_by_model: list[dict[str, Any]] = []
+    if getattr(args, "arm64", False):
+        assert x86_outputs is not None
+        arm64_by_model = _arm64(args, paths, inputs, x86_outputs)
+
     report: dict[str, Any] = {
         "models": models,
         "accuracy": accuracy_by_model[0] if accuracy_by_model else {},
@@ -342,13 +370,20 @@ def bench(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
         },
         "mobile": mobile_by_model[0] if mobile_by_model else {},
     }
+    if arm64_by_model:
+        report["arm64"] = arm64_by_model[0]
     for j in range(1, len(args.compressed)):
         models[j + 1]["accuracy"] = accuracy_by_model[j]
         models[j + 1]["latency"] = latency_by_model[j]
         if mobile_by_model:
             models[j + 1]["mobile"] = mobile_by_model[j]
+        if arm64_by_model:
+            models[j + 1]["arm64"] = arm64_by_model[j]
 
     failures = _failures(args, accuracy_by_model, mobile_by_model)
+    for sec in arm64_by_model:
+        failures += [f"ARM64: {f}" for f in A.section_failures(sec)]
+    failures = list(dict.fromkeys(failures))
     meta = {
         "source": source,
         "onnxruntime": ort.__version__,
@@ -357,7 +392,8 @@ def bench(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
         "labels": labels is not None,
     }
     print(format_report(report, meta=meta, compressed=args.compressed, accuracy_by_model=accuracy_by_model,
-                        latency_by_model=latency_by_model, mobile_by_model=mobile_by_model))
+                        latency_by_model=latency_by_model, mobile_by_model=mobile_by_model,
+                        arm64_by_model=arm64_by_model))
     if args.json:
         try:
             with open(args.json, "w", encoding="utf-8") as f:
@@ -368,6 +404,33 @@ def bench(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
     if args.plot:
         _plot(args.plot, paths, raw_times, accuracy_by_model)
     return report, failures
+
+
+def _arm64(
+    args: argparse.Namespace,
+    paths: Sequence[str],
+    inputs: dict[str, np.ndarray],
+    x86_outputs: list[dict[str, list[Any]]],
+) -> list[dict[str, Any]]:
+    """The ``arm64`` sections (one per compressed model); never raises for an unready runtime."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="onnx_lowrank_arm64_ort_") as tmp:
+        ort_models: list[str | None] | None = None
+        if args.mobile:
+            # the .ort files a phone would load, converted by this (x86) onnxruntime's tools
+            ort_models = []
+            for i, path in enumerate(paths):
+                try:
+                    ort_path, _ = H.convert_to_ort(path, os.path.join(tmp, f"model{i}"))
+                    ort_models.append(str(ort_path))
+                except Exception as exc:  # noqa: BLE001 - the mobile section reports the failure
+                    logger.info("no .ort file of %s for ARM64: %s", path, H._one_line(exc))
+                    ort_models.append(None)
+        return A.arm64_section(
+            paths[0], paths[1:], inputs, x86_outputs,
+            cache=args.arm64_cache, samples=args.arm64_samples, opt_level=args.opt_level, ort_models=ort_models,
+        )
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -458,6 +521,7 @@ def format_report(
     accuracy_by_model: list[dict[str, Any]],
     latency_by_model: list[dict[str, Any]],
     mobile_by_model: list[dict[str, Any]],
+    arm64_by_model: Sequence[dict[str, Any]] = (),
 ) -> str:
     """Render a report as readable text tables.
 
@@ -469,7 +533,7 @@ def format_report(
         ``source``, ``onnxruntime``, ``threads``, ``opt_level``.
     compressed : sequence of str
         Paths of the compressed models.
-    accuracy_by_model, latency_by_model, mobile_by_model : list of dict
+    accuracy_by_model, latency_by_model, mobile_by_model, arm64_by_model : list of dict
         Per compressed model.
 
     Returns
@@ -565,7 +629,46 @@ def format_report(
         if new:
             out.append("  (a reduced onnxruntime build configured from the original lacks these kernels: "
                        "generate its config from the compressed model)")
+    for j, sec in enumerate(arm64_by_model):
+        out += ["", _format_arm64(sec, os.path.basename(compressed[j]) if len(compressed) > 1 else None)]
     return "\n".join(out)
+
+
+def _format_arm64(sec: dict[str, Any], which: str | None) -> str:
+    title = "ARM64 onnxruntime under qemu" + (f" ({which})" if which else "")
+    if not sec["available"]:
+        return f"{title}\n  {sec['status']}"
+    rt = sec["runtime"]
+    lines = [f"{title}: onnxruntime {sec['onnxruntime']} ({rt['machine']}), {sec['samples']} samples; "
+             "outputs only: emulated time is not latency"]
+    for m in sec["models"]:
+        if not m["ran"]:
+            lines.append(f"  {m['role']} does not run on ARM64: {m['error']}")
+    rows = [["output", "orig ARM64-x86", "comp ARM64-x86", "comp vs orig rel_l2", "cosine", "top1"]]
+
+    def cell(c: dict[str, Any] | None) -> str:
+        if c is None:
+            return "-"
+        if "error" in c:
+            return c["error"]
+        return f"{_fmt_num(c['max_abs'], '.2g')} {'ok' if c['match'] else 'DIFFER'}"
+
+    for name, e in sec["outputs"].items():
+        acc = e.get("compressed_vs_original") or {}
+        rows.append([name, cell(e["arm64_vs_x86"].get("original")), cell(e["arm64_vs_x86"].get("compressed")),
+                     _fmt_num(acc.get("rel_l2")), _fmt_num(acc.get("cosine"), ".5f"),
+                     _fmt_num(acc.get("top1_agreement"), ".4f")])
+    lines.append(_table(rows))
+    for role, r in (sec.get("ort_format") or {}).items():
+        if r is None:
+            continue
+        if "error" in r:
+            lines.append(f"  {role} .ort on ARM64: failed: {r['error'][:100]}")
+        else:
+            worst = max((c.get("max_abs", 0.0) for c in r["arm64_vs_x86"].values()), default=0.0)
+            ok = all(c.get("match") for c in r["arm64_vs_x86"].values())
+            lines.append(f"  {role} .ort on ARM64 vs .onnx on x86: max abs {worst:.2g} {'ok' if ok else 'DIFFER'}")
+    return "\n".join(lines)
 
 
 def _fmt_usability(u: dict[str, Any]) -> str:

@@ -19,7 +19,10 @@ from pathlib import Path
 from typing import NoReturn
 
 from . import __version__
+from .analyze import add_analyze_arguments, run_analyze
 from .api import default_model_path, optimize
+from .arm64_cli import add_arm64_setup_arguments, run_arm64_setup
+from .bench_cli import add_bench_arguments, run_bench
 from .config import ALLOCATIONS, CONV_SCHEMES, LATENCY_MODES, METHODS, WHITEN_MODES, ConfigError, LowRankConfig
 from .model_io import ModelError, check_output_path, model_file_size, save_model
 
@@ -97,7 +100,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                    help="fraction of calibration samples held out for --max-error (default 0.2)")
     d.add_argument("--allocation", choices=ALLOCATIONS, default="energy",
                    help="how --target-params/--target-flops/--max-error spend the budget: energy (normalized, whitened "
-                   "spectral energy per parameter) or measured (each layer truncated alone to 5 ranks, the model's "
+                   "spectral energy per parameter) or measured (each layer truncated alone to up to 7 ranks, the model's "
                    "output loss measured in onnxruntime; needs --calibration)")
     d.add_argument("--latency", choices=LATENCY_MODES, default="off",
                    help="keep layers dense when factorized they would not run faster in onnxruntime: "
@@ -177,16 +180,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_arguments(demo)
     demo.set_defaults(func=_run_demo)
 
-    try:
-        from .bench_cli import add_bench_arguments, run_bench
-    except ImportError:  # pragma: no cover - only while the harness module is absent
-        pass
-    else:
-        bench = sub.add_parser("bench", help="compare models with onnxruntime: accuracy, latency, size, mobile readiness",
-                               description="Measure what compression cost and bought: accuracy of each COMPRESSED model "
-                               "against ORIGINAL, latency (interleaved runs, medians), size, FLOPs and mobile readiness.")
-        add_bench_arguments(bench)
-        bench.set_defaults(func=run_bench)
+    bench = sub.add_parser("bench", help="compare models with onnxruntime: accuracy, latency, size, mobile readiness",
+                           description="Measure what compression cost and bought: accuracy of each COMPRESSED model "
+                           "against ORIGINAL, latency (interleaved runs, medians), size, FLOPs and mobile readiness.")
+    add_bench_arguments(bench)
+    bench.set_defaults(func=run_bench)
+
+    analyze = sub.add_parser("analyze", help="which layers are compressible: spectra, energy ranks, what --energy/--ratio would save",
+                             description="One row per factorizable layer: matrix shape, parameters, break-even rank, the "
+                             "ranks that keep 90/95/99%% of the spectral energy, and what --energy / --ratio would save.")
+    add_analyze_arguments(analyze)
+    analyze.set_defaults(func=run_analyze)
+
+    arm = sub.add_parser("arm64-setup", help="prepare the emulated ARM64 onnxruntime (qemu-user) used by bench --arm64",
+                         description="Prepare, once, a cached ARM64 runtime: qemu-user-static, an arm64 Python 3.11 "
+                         "sysroot and the aarch64 wheels of onnxruntime and numpy. Idempotent; --check only reports.")
+    add_arm64_setup_arguments(arm)
+    arm.set_defaults(func=run_arm64_setup)
     return parser
 
 

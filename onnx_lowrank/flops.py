@@ -40,7 +40,13 @@ __all__ = [
 ModelLike = Union[onnx.ModelProto, str, "os.PathLike[str]"]
 
 #: Operator types whose MACs are counted.
-COUNTED_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
+COUNTED_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "MatMulInteger", "QLinearMatMul", "ConvInteger",
+               "QLinearConv")
+
+# Quantized ops (int8 models from onnxruntime.quantization) do the same products as their float
+# counterparts; their operands sit at other input positions.
+_QUANTIZED = {"MatMulInteger": ("MatMul", (0, 1)), "QLinearMatMul": ("MatMul", (0, 3)),
+              "ConvInteger": ("Conv", (0, 1)), "QLinearConv": ("Conv", (0, 3))}
 
 # Initializers above this many elements are replaced by typed graph inputs in the copy used for
 # shape inference: shape inference only reads their dims, and tiny initializers (Reshape targets,
@@ -259,12 +265,14 @@ def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
 def _node_macs(
     node: onnx.NodeProto, shapes: Mapping[str, list[int | None] | None]
 ) -> tuple[int | None, str | None]:
-    def get(i: int) -> list[int | None] | None:
-        if i >= len(node.input) or not node.input[i]:
-            return None
-        return shapes.get(node.input[i])
+    op, positions = _QUANTIZED.get(node.op_type, (node.op_type, (0, 1)))
 
-    op = node.op_type
+    def get(i: int) -> list[int | None] | None:
+        j = positions[i]
+        if j >= len(node.input) or not node.input[j]:
+            return None
+        return shapes.get(node.input[j])
+
     if op == "MatMul":
         a, b = get(0), get(1)
         if not (_known(a) and _known(b)):

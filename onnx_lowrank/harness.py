@@ -57,6 +57,7 @@ __all__ = [
     "OPT_LEVELS",
     "compare_models",
     "compare_outputs",
+    "convert_to_ort",
     "cosine_similarity",
     "create_session",
     "input_specs",
@@ -1420,6 +1421,64 @@ def _parse_required_operators(path: pathlib.Path) -> dict[str, list[str]]:
     return {k: sorted(v) for k, v in sorted(ops.items())}
 
 
+def convert_to_ort(
+    model_path: str | os.PathLike[str], workdir: str | os.PathLike[str]
+) -> tuple[pathlib.Path, pathlib.Path | None]:
+    """Convert a model to ORT format for ARM (``onnxruntime.tools.convert_onnx_models_to_ort``).
+
+    Fixed optimization style, target platform ``arm``: the file an Android/iOS build of
+    onnxruntime loads.
+
+    Parameters
+    ----------
+    model_path : path-like
+        The ``.onnx`` model (external data next to it is found).
+    workdir : path-like
+        An empty directory for the converted files.
+
+    Returns
+    -------
+    ort_path : pathlib.Path
+        The ``.ort`` file (under ``workdir/ort``).
+    config : pathlib.Path or None
+        The required-operators config the converter wrote (None if it wrote none).
+
+    Raises
+    ------
+    HarnessError
+        When the converter produced no ``.ort`` file.
+    """
+    src = pathlib.Path(os.fspath(model_path)).resolve()
+    work = pathlib.Path(os.fspath(workdir)).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    if src.suffix.lower() != ".onnx" or src.name.lower().endswith(".optimized.onnx"):
+        # the converter only picks up *.onnx files: save a copy (weights as external data)
+        staged = work / "src" / "model.onnx"
+        staged.parent.mkdir()
+        proto = onnx.load(str(src))
+        onnx.save(proto, str(staged), save_as_external_data=True, location="model.onnx.data")
+        src = staged
+    out_dir = work / "ort"
+    with _quiet_ort():
+        # imported here: the tools configure logging at import time
+        from onnxruntime.tools.convert_onnx_models_to_ort import (
+            OptimizationStyle,
+            convert_onnx_models_to_ort,
+        )
+
+        convert_onnx_models_to_ort(
+            src,
+            output_dir=out_dir,
+            optimization_styles=[OptimizationStyle.Fixed],
+            target_platform="arm",
+        )
+    ort_files = sorted(out_dir.rglob("*.ort"))
+    configs = sorted(out_dir.glob("*.config"))
+    if not ort_files:
+        raise HarnessError("the converter produced no .ort file")
+    return ort_files[0], (configs[0] if configs else None)
+
+
 def ort_format_check(
     model_path: str | os.PathLike[str],
     inputs: Mapping[str, np.ndarray],
@@ -1450,42 +1509,15 @@ def ort_format_check(
         output within rtol 1e-3 / atol 1e-5), ``max_abs_diff``, ``required_operators``
         (``"domain;opset"`` -> sorted operator types); ``error`` when conversion or the run failed.
     """
-    src = pathlib.Path(os.fspath(model_path)).resolve()
-    work = pathlib.Path(os.fspath(workdir)).resolve()
-    work.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"converted": False}
     try:
-        if src.suffix.lower() != ".onnx" or src.name.lower().endswith(".optimized.onnx"):
-            # the converter only picks up *.onnx files: save a copy (weights as external data)
-            staged = work / "src" / "model.onnx"
-            staged.parent.mkdir()
-            proto = onnx.load(str(src))
-            onnx.save(proto, str(staged), save_as_external_data=True, location="model.onnx.data")
-            src = staged
-        out_dir = work / "ort"
-        with _quiet_ort():
-            # imported here: the tools configure logging at import time
-            from onnxruntime.tools.convert_onnx_models_to_ort import (
-                OptimizationStyle,
-                convert_onnx_models_to_ort,
-            )
-
-            convert_onnx_models_to_ort(
-                src,
-                output_dir=out_dir,
-                optimization_styles=[OptimizationStyle.Fixed],
-                target_platform="arm",
-            )
-        ort_files = sorted(out_dir.rglob("*.ort"))
-        configs = sorted(out_dir.glob("*.config"))
-        if not ort_files:
-            raise HarnessError("the converter produced no .ort file")
-        ort_path = ort_files[0]
+        ort_path, config = convert_to_ort(model_path, workdir)
+        src = pathlib.Path(os.fspath(model_path)).resolve()
         result.update(
             converted=True,
             ort_path=str(ort_path),
             ort_size_bytes=ort_path.stat().st_size,
-            required_operators=_parse_required_operators(configs[0]) if configs else {},
+            required_operators=_parse_required_operators(config) if config is not None else {},
         )
         n = min(max_samples, num_samples(inputs))
         subset = {k: v[:n] for k, v in inputs.items()}

@@ -50,17 +50,30 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Cholesky-QR is accepted only while the Cholesky factor's diagonal spread stays below this
-# bound (a cheap lower estimate of cond(Y)). With the Gram matrix formed in float64 from float32
-# data, Q = Y R^-1 loses about eps32 * cond(Y) of orthogonality; 1e-4 keeps that loss below
-# ~1e-3 even when the diagonal underestimates cond(Y) by 10x. For float64 data the Gram matrix
-# has the working precision, the loss is eps64 * cond(Y)^2, and 1e-6 keeps it below ~1e-4.
-_CHOLQR_MIN_DIAG_RATIO = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-6}
+# Tolerances of the fast orthonormalization (see _orthonormalize and _final_basis). The ratio
+# min/max of the Cholesky factor's diagonal is a cheap lower estimate of 1/cond(Y).
+# - A Gram matrix formed in float32 loses eps32 * cond(Y)^2 of orthogonality: accepted while
+#   the ratio is above 3e-3 (cond ~300, loss ~5e-3, harmless for an intermediate basis whose
+#   only job is to keep the columns from collapsing onto the dominant singular vectors).
+_FAST_GRAM_MIN_RATIO = 3e-3
+# - A Gram matrix formed in float64 (from float32 data) loses only eps32 * cond(Y) (float64
+#   data: eps64 * cond(Y)^2). For an intermediate basis even a loss of ~0.1 is harmless, and
+#   Householder QR of float32 data corrupts the directions below eps32 * sigma_max(Y) just the
+#   same, so Cholesky-QR is accepted down to 1e-6 ...
+_CHOLQR_MIN_RATIO = 1e-6
+# - ... and for the first pass of the final basis (CholeskyQR2: the second pass restores
+#   orthogonality as long as the first one's Q has cond <~ 10) down to 1e-5 for float32 data.
+_FINAL_MIN_RATIO = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-6}
+# - The final basis is used without being formed (Q = Y L^-T folded into the small factors)
+#   while cond(Y) <~ 100: the float32 rounding it adds, ~eps32 * cond(Y), stays below 1e-5.
+_FUSED_MIN_RATIO = 1e-2
+# - Second Cholesky-QR pass: the first pass's Q must be nearly orthonormal already, otherwise
+#   the first pass was unhealthy and Householder QR takes over.
+_SECOND_PASS_MIN_RATIO = 0.1
 
-# The second Cholesky-QR pass of the final basis sees the Gram matrix of the first pass's Q;
-# if that is farther than this (max-norm) from the identity, the first pass was unhealthy and
-# the basis is recomputed by Householder QR. A healthy first pass is at ~1e-5 in float32.
-_ORTHOGONALITY_TOL = 0.1
+# Below this size the triangular inverse is left to LAPACK (getrf/getri); above it the
+# recursive 2 x 2 block formula turns most of the work into GEMMs, ~2x faster at l ~ 256.
+_TRI_INV_BLOCK = 64
 
 # Row-block size (elements) for the float64 residual in the error measures: bounds their
 # temporary memory to ~32 MB however large W is.
@@ -117,10 +130,16 @@ def _as_matrix(W: Any, name: str = "W") -> np.ndarray:
         )
     if arr.size == 0:
         raise ValueError(f"{name} must not be empty, got shape {arr.shape}")
-    # min/max propagate NaN and expose +-inf without the boolean temporary of isfinite(W).all().
-    if not (np.isfinite(arr.min()) and np.isfinite(arr.max())):
+    # A finite sum proves every entry finite (NaN and Inf propagate) in one SIMD pass without
+    # the boolean temporary of isfinite(W).all(); only a non-finite sum (bad entries, or an
+    # overflow of huge finite ones) pays for the entry-wise check. float16 accumulates in
+    # float32, where 65504-sized entries cannot overflow a sum of any realistic length.
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = arr.sum(dtype=np.float32 if arr.dtype.itemsize < 4 else None)
+    if not np.isfinite(total):
         bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
-        raise ValueError(f"{name} contains non-finite values (NaN or Inf): {bad} of {arr.size} entries")
+        if bad:
+            raise ValueError(f"{name} contains non-finite values (NaN or Inf): {bad} of {arr.size} entries")
     return arr
 
 
@@ -198,81 +217,122 @@ def _check_total_energy(total_energy: Any, s: np.ndarray) -> float:
 
 
 # --------------------------------------------------------------------------------------------
-# Orthonormalization
+# Building blocks
 # --------------------------------------------------------------------------------------------
 
 
-def _cholqr_step(Y: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """One Cholesky-QR pass: Q = Y R^-1 with R^T R = Y^T Y.
+def _gaussian(rng: np.random.Generator, shape: tuple[int, int], dtype: np.dtype) -> np.ndarray:
+    """Standard normal matrix by the Box-Muller transform of ``rng``'s uniforms.
 
-    Returns (Q, G) where G is the Gram matrix, or (None, None) when Y is too ill-conditioned
-    for Cholesky-QR (the caller then uses Householder QR).
-
-    Why: Householder QR of a tall thin matrix runs at a fraction of GEMM speed (geqrf + orgqr
-    are memory bound; on a 2048 x 266 float32 block it costs about three products with W),
-    while Cholesky-QR is one syrk, an l x l Cholesky and inverse, and one thin GEMM. The Gram
-    matrix is formed in float64 even for float32 Y (mixed-precision Cholesky-QR): its
-    condition number is cond(Y)^2, which float32 would lose for cond(Y) > ~3000, and the
-    orthogonality loss of Q drops from eps32 * cond(Y)^2 to eps32 * cond(Y).
+    Why not ``rng.standard_normal``: its ziggurat costs ~6 ms for a 2048 x 266 float32 block
+    here, as much as half a product with W; Box-Muller on uniforms is vectorized (log, sqrt,
+    cos, sin run as SIMD loops) and ~2x faster. The samples are exactly Gaussian; in float32
+    the tail is cut at ~5.8 sigma (u >= 2^-24), irrelevant for a sketch.
     """
+    count = shape[0] * shape[1]
+    half = (count + 1) // 2
+    u = rng.random((2, half), dtype=dtype)
+    radius = np.sqrt(-2.0 * np.log1p(-u[0]))  # 1 - u in (0, 1]: log never sees 0
+    angle = u[1] * dtype.type(2.0 * np.pi)
+    out = np.empty(2 * half, dtype=dtype)
+    np.multiply(radius, np.cos(angle), out=out[:half])
+    np.multiply(radius, np.sin(angle), out=out[half:])
+    return out[:count].reshape(shape)
+
+
+def _tril_inv(L: np.ndarray) -> np.ndarray:
+    """Inverse of a lower-triangular matrix by recursive 2 x 2 blocks.
+
+    numpy has no trtri/trsm; np.linalg.inv ignores the structure (LU + solve with the
+    identity). [[L11, 0], [L21, L22]]^-1 = [[L11^-1, 0], [-L22^-1 L21 L11^-1, L22^-1]].
+    """
+    k = L.shape[0]
+    if k <= _TRI_INV_BLOCK:
+        return np.linalg.inv(L)
+    h = k // 2
+    inv11 = _tril_inv(L[:h, :h])
+    inv22 = _tril_inv(L[h:, h:])
+    out = np.zeros_like(L)
+    out[:h, :h] = inv11
+    out[h:, h:] = inv22
+    out[h:, :h] = -(inv22 @ (L[h:, :h] @ inv11))
+    return out
+
+
+def _gram64(Y: np.ndarray) -> np.ndarray:
+    """Y^T Y in float64 (numpy sends X.T @ X to syrk, half the flops of a GEMM)."""
     Y64 = Y if Y.dtype == np.float64 else Y.astype(np.float64)
-    G = Y64.T @ Y64  # numpy dispatches X.T @ X to syrk (half the flops of a gemm)
+    return Y64.T @ Y64
+
+
+def _cholesky_inverse(G: np.ndarray, min_ratio: float) -> tuple[np.ndarray | None, float]:
+    """(L^-1, diag ratio) for G = L L^T, or (None, ratio) when G is too ill-conditioned."""
     try:
         L = np.linalg.cholesky(G)
     except np.linalg.LinAlgError:
-        return None, None
+        return None, 0.0
     d = np.diagonal(L)
-    if not np.all(np.isfinite(d)) or d.min() <= _CHOLQR_MIN_DIAG_RATIO[Y.dtype] * d.max():
-        return None, None
-    # numpy has no triangular solve; the explicit inverse of the small l x l factor followed by
-    # one GEMM is as accurate here (it is applied once, to a well-conditioned factor) and faster
-    # than np.linalg.solve on the m right-hand sides.
-    L_inv = np.linalg.inv(L)
-    Q = Y @ L_inv.T.astype(Y.dtype)
-    return Q, G
+    if not np.all(np.isfinite(d)) or d.max() <= 0.0:
+        return None, 0.0
+    ratio = float(d.min() / d.max())
+    if ratio <= min_ratio:
+        return None, ratio
+    return _tril_inv(L), ratio
 
 
 def _householder(Y: np.ndarray) -> np.ndarray:
-    """Householder QR (LAPACK geqrf + orgqr); robust for rank-deficient and zero Y."""
+    """Householder QR (LAPACK geqrf + orgqr): slow but robust for rank-deficient and zero Y."""
+    logger.debug("Cholesky-QR rejected for a %d x %d block; using Householder QR", *Y.shape)
     Q, _ = np.linalg.qr(Y, mode="reduced")
     return Q
 
 
-def _orthonormalize(Y: np.ndarray, *, final: bool) -> np.ndarray:
-    """Orthonormal basis of range(Y).
+def _orthonormalize(Y: np.ndarray) -> np.ndarray:
+    """Well-conditioned basis of range(Y) for the next power-iteration product.
 
-    Intermediate power-iteration steps only need a well-conditioned basis of the same range
-    (its job is to stop the columns from collapsing onto the dominant singular vector), so one
-    Cholesky-QR pass suffices. The final basis Q must be orthonormal to working precision,
-    because Q Q^T W is the approximation: there a second pass (CholeskyQR2) restores
-    orthogonality, and its Gram matrix tells whether the first pass worked.
+    Cholesky-QR, Q = Y L^-T with L L^T = Y^T Y: one syrk, an l x l Cholesky and triangular
+    inverse, one thin GEMM. Householder QR of the same 2048 x 266 float32 block costs about
+    three products with W (geqrf/orgqr are memory bound), which is why scikit-learn's
+    randomized_svd spends most of its time outside the products with W.
+    Tiers: float32 Gram (fastest) -> float64 Gram (mixed precision, for cond(Y) up to ~1e6)
+    -> Householder (zero or rank-deficient Y, or spectra falling by more than ~1e6 across the
+    sketch).
     """
-    Q, _ = _cholqr_step(Y)
-    if Q is not None and final:
-        Q2, G2 = _cholqr_step(Q)
-        if Q2 is not None:
-            off = np.abs(G2 - np.eye(G2.shape[0])).max()
-            Q = Q2 if off <= _ORTHOGONALITY_TOL else None
-        else:
-            Q = None
-    if Q is None:
-        logger.debug("Cholesky-QR rejected for a %s x %s block; using Householder QR", *Y.shape)
-        return _householder(Y)
-    return Q
+    if Y.dtype == np.float32:
+        Linv, _ = _cholesky_inverse((Y.T @ Y).astype(np.float64), _FAST_GRAM_MIN_RATIO)
+        if Linv is not None:
+            return Y @ Linv.T.astype(np.float32)
+    Linv, _ = _cholesky_inverse(_gram64(Y), _CHOLQR_MIN_RATIO)
+    if Linv is not None:
+        return Y @ Linv.T.astype(Y.dtype)
+    return _householder(Y)
+
+
+def _final_basis(Y: np.ndarray, *, allow_fused: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """Basis of range(Y) for the Rayleigh-Ritz step, as (X, T) with Q = X @ T orthonormal.
+
+    T is None when X itself is orthonormal. The final basis must be orthonormal to working
+    precision (Q Q^T W is the approximation), not just well-conditioned:
+    - fused (float32, cond(Y) <~ 100): X = Y, T = L^-T from the float64 Gram; Q is never
+      formed, T is folded into the small l x l problem and the two final thin GEMMs;
+    - CholeskyQR2: a second pass on the first pass's Q restores orthogonality to eps;
+    - Householder QR when Cholesky-QR is rejected.
+    """
+    Linv, ratio = _cholesky_inverse(_gram64(Y), _FINAL_MIN_RATIO[Y.dtype])
+    if Linv is None:
+        return _householder(Y), None
+    if allow_fused and ratio > _FUSED_MIN_RATIO:
+        return Y, Linv.T
+    Q1 = Y @ Linv.T.astype(Y.dtype)
+    Linv2, _ = _cholesky_inverse(_gram64(Q1), _SECOND_PASS_MIN_RATIO)
+    if Linv2 is None:
+        return _householder(Y), None
+    return Q1 @ Linv2.T.astype(Y.dtype), None
 
 
 # --------------------------------------------------------------------------------------------
 # Cores (no validation)
 # --------------------------------------------------------------------------------------------
-
-
-def _split_factors(
-    U: np.ndarray, s: np.ndarray, Vt: np.ndarray, out: np.dtype
-) -> tuple[np.ndarray, np.ndarray]:
-    root = np.sqrt(s)
-    A = (U * root.astype(U.dtype)).astype(out, copy=False)
-    B = (Vt * root.astype(Vt.dtype)[:, None]).astype(out, copy=False)
-    return A, B
 
 
 def _exact_core(
@@ -282,7 +342,9 @@ def _exact_core(
     Wc = _prepare(W, comp)
     U, s, Vt = np.linalg.svd(Wc, full_matrices=False)
     r = min(rank, s.shape[0])
-    A, B = _split_factors(U[:, :r], s[:r], Vt[:r], out)
+    root = np.sqrt(s[:r])
+    A = (U[:, :r] * root.astype(U.dtype)).astype(out, copy=False)
+    B = (Vt[:r] * root.astype(Vt.dtype)[:, None]).astype(out, copy=False)
     return A, B, s[:r].astype(np.float64)
 
 
@@ -295,7 +357,12 @@ def _rsi_core(
     out: np.dtype,
     comp: np.dtype,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
-    """HMT 2011 Algorithm 4.4 followed by Algorithm 5.1 (direct SVD of Q^T W)."""
+    """HMT 2011 Algorithm 4.4 followed by Algorithm 5.1 (SVD of the small Q^T W).
+
+    The 2q + 2 products with W are the floor of the cost; everything else is kept to thin
+    l-column operations (l = rank + oversample). W is never copied or transposed in memory:
+    ``Wc.T`` is a view that numpy passes to BLAS as a transpose flag.
+    """
     m, n = W.shape
     k = min(m, n)
     if rank >= k:
@@ -306,57 +373,51 @@ def _rsi_core(
     ell = min(rank + oversample, k)
     Wc = _prepare(W, comp)
     rng = np.random.default_rng(seed)
-    # Drawn directly in the compute dtype: no float64 n x ell temporary and its cast.
-    omega = rng.standard_normal((n, ell), dtype=comp)
-    Y = Wc @ omega
-    # Power iterations. W.T is a view: BLAS receives the transpose flag, W is never copied.
+    Y = Wc @ _gaussian(rng, (n, ell), comp)
     for _ in range(power_iters):
-        Q = _orthonormalize(Y, final=False)
-        Z = _orthonormalize(Wc.T @ Q, final=False)
+        # Re-orthonormalize after every product: unnormalized iterations would collapse the
+        # float32 columns onto the dominant singular vector (HMT 2011, Section 4.5).
+        Z = _orthonormalize(Wc.T @ _orthonormalize(Y))
         Y = Wc @ Z
-    Q = _orthonormalize(Y, final=True)
-    # B = Q^T W, computed as (W^T Q)^T: same GEMM, transposed result is a free view.
-    Bt = Wc.T @ Q  # n x ell
-    U_small, s, Vt = _small_svd(Bt, rank, comp)
-    U = Q @ U_small.astype(comp)
-    A, B = _split_factors(U, s, Vt, out)
-    return A, B, s, "rsi" if power_iters else "rsvd"
-
-
-def _small_svd(
-    Bt: np.ndarray, rank: int, comp: np.dtype
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Leading ``rank`` singular triplets of B = Bt^T (ell x n, ell small).
-
-    Returns (U_small (ell x r, float64), s (r, float64), Vt (r x n, compute dtype)).
-
-    float32 data: eigendecomposition of the float64 Gram matrix B B^T. It squares the
-    condition number, which costs 8 of float64's 16 digits, still more than float32 data
-    carries, and it is ~8x faster than an SVD of the ell x n block. Vt is formed as
-    S^-1 U^T B; components whose singular value is below the float32 noise floor are dropped
-    (their A and B parts set to zero) instead of being divided by ~0, so zero or
-    rank-deficient W give zeros and never NaN.
-    float64 data: the Gram matrix would lose half of the digits the data has, so the SVD of B
-    itself is computed (LAPACK gesdd).
-    """
+    fused = comp == np.float32
+    X, T = _final_basis(Y, allow_fused=fused)
+    # B^T = (Q^T W)^T = W^T Q: the last product with W, as a view-transposed GEMM.
+    Bt = Wc.T @ X  # n x ell (times T when fused)
     if comp == np.float64:
+        # The Gram matrix below would square the condition number and lose half of the 16
+        # digits float64 data has: take the SVD of the small ell x n block itself (gesdd).
         U_small, s, Vt = np.linalg.svd(Bt.T, full_matrices=False)
-        return U_small[:, :rank], s[:rank], Vt[:rank]
-    B64 = Bt.astype(np.float64)
-    lam, V = np.linalg.eigh(B64.T @ B64)  # ascending eigenvalues of B B^T (ell x ell)
-    lam = lam[::-1][:rank]
-    U_small = V[:, ::-1][:, :rank]
-    s = np.sqrt(np.clip(lam, 0.0, None))
-    # Noise floor of float32 data: singular values below sqrt(ell) * eps32 * s_max are rounding
-    # noise of the float32 products; dividing by them would blow up the balanced factors.
-    floor = s[0] * Bt.shape[1] ** 0.5 * np.finfo(np.float32).eps if s.size else 0.0
-    keep = s > floor
-    inv = np.zeros_like(s)
-    inv[keep] = 1.0 / s[keep]
-    s = np.where(keep, s, 0.0)
-    # Vt = S^-1 U^T B = (Bt @ (U S^-1))^T, one thin float32 GEMM.
-    Vt = (Bt @ (U_small * inv).astype(np.float32)).T
-    return U_small, s, Vt
+        U_small, s, Vt = U_small[:, :rank], s[:rank], Vt[:rank]
+        root = np.sqrt(s)
+        A = (X @ (U_small * root)).astype(out, copy=False)
+        B = (Vt * root[:, None]).astype(out, copy=False)
+        return A, B, s, "rsi" if power_iters else "rsvd"
+    # float32 data: eigendecomposition of the float64 Gram matrix Q^T W W^T Q (ell x ell).
+    # It squares the condition number, which costs 8 of float64's 16 digits, still more than
+    # float32 data carries, and it is ~8x faster than an SVD of the ell x n block.
+    H = _gram64(Bt)
+    if T is not None:
+        H = T.T @ H @ T
+    _, V = np.linalg.eigh(H)  # ascending eigenvalues
+    V = V[:, ::-1][:, :rank]  # eigenvectors of the top `rank` eigenvalues, descending
+    M = V if T is None else T @ V  # Q @ V = X @ M: left singular vectors of Q Q^T W
+    # C = U^T W = M^T X^T W = M^T Bt^T: one thin GEMM, written C-contiguous (r x n).
+    C = M.T.astype(np.float32) @ Bt.T
+    # The singular values are taken as the row norms of C, not as sqrt(eigenvalues): the
+    # Gram matrix resolves sigma only down to ~1e-8 sigma_1, the row norms to float32
+    # precision, and they are consistent with the rows by construction, so dividing a row by
+    # its own norm can never blow up (zero rows, from zero or rank-deficient W, stay zero).
+    s = np.sqrt(np.einsum("ij,ij->i", C, C, dtype=np.float64))
+    order = np.argsort(-s, kind="stable")  # rounding can swap near-equal neighbours
+    if np.any(order != np.arange(order.size)):
+        s, M, C = s[order], M[:, order], C[order]
+    root = np.sqrt(s)
+    inv_root = np.zeros_like(root)
+    np.divide(1.0, root, out=inv_root, where=root > 0.0)
+    # A = U S^1/2 = X M S^1/2 and B = S^1/2 V^T = S^-1/2 C.
+    A = X @ (M * root).astype(np.float32)
+    B = C * inv_root.astype(np.float32)[:, None]
+    return A.astype(out, copy=False), B.astype(out, copy=False), s, "rsi" if power_iters else "rsvd"
 
 
 # --------------------------------------------------------------------------------------------

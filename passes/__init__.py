@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+from onnx import helper
 from tqdm.auto import tqdm
 
 from onnx_lowrank.config import LowRankConfig
@@ -271,6 +272,10 @@ def _splice(model: onnx.ModelProto, rewrites: dict[int, Rewrite]) -> None:
     del graph.node[:]
     graph.node.extend(nodes)
     graph.initializer.extend(initializers)
+    if model.ir_version < 4:  # IR < 4 requires every initializer to be a graph input as well
+        graph.input.extend(
+            helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in initializers
+        )
 
 
 def _remove_orphans(model: onnx.ModelProto, candidates: list[Candidate]) -> None:
@@ -283,7 +288,8 @@ def _remove_orphans(model: onnx.ModelProto, candidates: list[Candidate]) -> None
     gone: set[str] = set()
     while pending:
         name = pending.pop()
-        if ctx.is_used_elsewhere(name, removed_nodes) or name in ctx.graph_inputs:
+        legacy_input = ctx.legacy_inputs and name in ctx.graph_inputs and name in ctx.initializers
+        if ctx.is_used_elsewhere(name, removed_nodes) or (name in ctx.graph_inputs and not legacy_input):
             continue
         if name in ctx.initializers:
             removed_inits.add(name)
@@ -303,6 +309,10 @@ def _remove_orphans(model: onnx.ModelProto, candidates: list[Candidate]) -> None
         kept_inits = [t for t in model.graph.initializer if t.name not in removed_inits]
         del model.graph.initializer[:]
         model.graph.initializer.extend(kept_inits)
+        if ctx.legacy_inputs:  # IR < 4 lists initializers as inputs: drop the removed ones too
+            kept_inputs = [i for i in model.graph.input if i.name not in removed_inits]
+            del model.graph.input[:]
+            model.graph.input.extend(kept_inputs)
     gone |= removed_inits
     if gone:
         kept_vi = [v for v in model.graph.value_info if v.name not in gone]

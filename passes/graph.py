@@ -83,6 +83,10 @@ class GraphContext:
         self.graph = graph
         self.initializers: dict[str, onnx.TensorProto] = {t.name: t for t in graph.initializer}
         self.graph_inputs = {i.name for i in graph.input}
+        # IR < 4 required every initializer to be listed as a graph input: there they are plain
+        # constants. From IR 4 on, an initializer that is also an input is a default value the
+        # caller may override, so it is not a constant.
+        self.legacy_inputs = model.ir_version < 4
         self.graph_outputs = {o.name for o in graph.output}
         self.producers: dict[str, onnx.NodeProto] = {}
         self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
@@ -132,7 +136,7 @@ class GraphContext:
         if depth > 8 or not name:  # guards against pathological chains
             return None
         if name in self.initializers:
-            if name in self.graph_inputs:
+            if name in self.graph_inputs and not self.legacy_inputs:
                 return None  # an initializer that is also an input can be overridden at run time
             t = self.initializers[name]
             return ConstantWeight(name, name, numpy_helper.to_array(t), t.data_type)
@@ -160,6 +164,9 @@ class GraphContext:
 
     def why_not_constant(self, name: str) -> str:
         """One-line reason a weight input is not a usable constant."""
+        if name in self.graph_inputs and name in self.initializers:
+            return (f"weight {name!r} is a graph input with a default initializer (callers may override it); "
+                    "remove it from the graph inputs to factorize it")
         if name in self.graph_inputs:
             return f"weight {name!r} is a graph input (not a constant)"
         node = self.producers.get(name)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -155,3 +157,17 @@ def test_factorized_pair_ratio():
     )
     ratio = flops.count_flops(low).flops / flops.count_flops(dense).flops
     assert ratio == pytest.approx(16 * (64 + 128) / (64 * 128))
+
+
+def test_int8_quantized_model_counts_the_same_macs(tmp_path):
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from onnx_lowrank.flops import count_flops
+
+    src = Path(__file__).resolve().parents[1] / "onnx_lowrank" / "data" / "digits_mlp.onnx"
+    out = tmp_path / "int8.onnx"
+    quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8)
+    shapes = {"pixels": [4, 64]}
+    before, after = count_flops(str(src), shapes), count_flops(str(out), shapes)
+    assert {n.op_type for n in after.nodes} >= {"MatMulInteger"}
+    assert after.macs == before.macs == 4 * (64 * 256 + 256 * 256 + 256 * 10)

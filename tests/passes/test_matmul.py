@@ -248,3 +248,17 @@ def test_graph_output_value_info_and_metadata_preserved():
     assert out.opset_import == model.opset_import and out.ir_version == model.ir_version
     assert out.graph.input == model.graph.input and out.graph.output == model.graph.output
     assert [v.name for v in out.graph.value_info] == ["y"]
+
+
+def test_initializer_that_is_also_an_input():
+    w = np.random.default_rng(10).standard_normal((24, 16)).astype(np.float32)
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+                       [vi("x", [4, 24]), vi("w", [24, 16])], [vi("y", [4, 16])], [init("w", w)])
+    _, report = optimize(model, FULL)  # IR 8: an overridable default, left alone
+    assert report.layers[0].reason == ("weight 'w' is a graph input with a default initializer (callers may "
+                                       "override it); remove it from the graph inputs to factorize it")
+    model.ir_version = 3  # IR 3 required initializers among the inputs: a plain constant
+    out, report = optimize(model, FULL)
+    assert report.layers[0].status == "factorized"
+    assert sorted(i.name for i in out.graph.input) == ["w/lowrank_a", "w/lowrank_b", "x"]
+    onnx.checker.check_model(out, full_check=True)
