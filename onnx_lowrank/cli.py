@@ -84,6 +84,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     f.add_argument("--power-iters", type=_positive_int, default=2, metavar="Q", help="RSI power iterations (default 2)")
     f.add_argument("--oversample", type=_positive_int, default=10, metavar="P", help="extra sketch columns (default 10)")
     f.add_argument("--seed", type=_positive_int, default=0, metavar="S", help="random seed; same seed, same bytes (default 0)")
+    f.add_argument("--jobs", type=_positive_int, default=0, metavar="N",
+                   help="factorize N weights in parallel, one BLAS thread each; output identical for every N "
+                   "(default 0: one per core)")
     f.add_argument("--conv-scheme", choices=CONV_SCHEMES, default="weight-svd", help="how Conv weights are factorized (default weight-svd)")
     d = parser.add_argument_group("calibration data (activation-aware factorization)")
     d.add_argument("--calibration", metavar="DATA.npz",
@@ -138,6 +141,7 @@ def config_from_args(args: argparse.Namespace) -> LowRankConfig:
         holdout=args.holdout,
         latency=args.latency,
         allocation=args.allocation,
+        jobs=args.jobs,
     )
 
 

@@ -78,6 +78,9 @@ class LowRankConfig:
     holdout : float
         Fraction of the calibration samples held out for ``max_error`` when no validation set
         is given.
+    jobs : int
+        Factorize this many weights in parallel, each in a thread with one BLAS thread; 0 (the
+        default) is one job per core. The output is byte-identical for every value.
     allocation : {"energy", "measured"}
         How a global budget is spent: by normalized (whitened) spectral energy per parameter, or
         by the measured loss of the model's output when each layer alone is truncated to a few
@@ -109,6 +112,7 @@ class LowRankConfig:
     holdout: float = 0.2
     latency: str = "off"
     allocation: str = "energy"
+    jobs: int = 0
 
     def __post_init__(self) -> None:
         # Accept lists from callers but store tuples so the config stays hashable and frozen.
@@ -143,6 +147,8 @@ class LowRankConfig:
             raise ConfigError(f"--whiten-eps must be in [0, 1), got {self.whiten_eps!r}")
         if not (_is_real(self.holdout) and 0.0 < self.holdout < 1.0):
             raise ConfigError(f"--holdout must be in (0, 1), got {self.holdout!r}")
+        if not _is_int(self.jobs) or self.jobs < 0:
+            raise ConfigError(f"--jobs must be an integer >= 0 (0 = one per core), got {self.jobs!r}")
         if self.allocation not in ALLOCATIONS:
             raise ConfigError(f"--allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
         if self.allocation == "measured" and self.target_params is None and self.target_flops is None \

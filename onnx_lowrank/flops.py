@@ -86,6 +86,7 @@ class NodeFlops:
     weight_shape: list[int] | None = None
     weight_params: int = 0
     reason: str | None = None
+    index: int = -1  # position in graph.node (names may repeat)
 
 
 @dataclass
@@ -398,6 +399,7 @@ def count_flops(
             weight_shape=wshape,
             weight_params=math.prod(wshape) if wshape is not None else 0,
             reason=reason,
+            index=index,
         )
         report.nodes.append(entry)
         if macs is None:

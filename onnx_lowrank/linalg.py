@@ -348,7 +348,38 @@ def _exact_core(
     return A, B, s[:r].astype(np.float64)
 
 
+#: Weights whose largest magnitude lies outside [2^-40, 2^40] are rescaled by a power of two
+#: before the randomized methods run: their float32 products (Y = W Omega, the Gram matrices of
+#: the thin factors) would overflow or underflow (seen: |w| ~ 1e19 broke eigh, |w| ~ 1e-23
+#: gave zero factors, subnormal weights NaN). A power of two is exact, so ordinary weights are
+#: untouched and rescaled ones lose nothing.
+_SAFE_EXPONENT = 40
+
+
 def _rsi_core(
+    W: np.ndarray,
+    rank: int,
+    power_iters: int,
+    oversample: int,
+    seed: int | None,
+    out: np.dtype,
+    comp: np.dtype,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """:func:`_rsi_unscaled` on ``W`` brought to a safe range by an exact power of two."""
+    peak = float(np.max(np.abs(W))) if W.size else 0.0
+    if peak == 0.0 or not np.isfinite(peak) or abs(np.log2(peak)) <= _SAFE_EXPONENT:
+        return _rsi_unscaled(W, rank, power_iters, oversample, seed, out, comp)
+    e = -int(np.round(np.log2(peak)))  # W * 2^e has its largest entry near 1
+    e -= e % 2  # even, so that 2^(-e/2) splits exactly into the two factors
+    scaled = np.ldexp(W.astype(comp if W.dtype != comp else W.dtype), e)
+    A, B, s, used = _rsi_unscaled(scaled, rank, power_iters, oversample, seed, out, comp)
+    half = -e // 2
+    A = np.ldexp(A, half).astype(out, copy=False)
+    B = np.ldexp(B, half).astype(out, copy=False)
+    return A, B, np.ldexp(np.asarray(s, dtype=np.float64), -e), used
+
+
+def _rsi_unscaled(
     W: np.ndarray,
     rank: int,
     power_iters: int,

@@ -137,6 +137,8 @@ def check_output_path(output: str | os.PathLike[str], input_path: str | os.PathL
     if out.is_dir():
         raise ModelError(f"output {out} is a directory; give a file path such as {out / 'model.onnx'}")
     parent = out.parent if str(out.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise ModelError(f"output directory {parent} is a file, not a directory; choose another output path")
     if not parent.is_dir():
         raise ModelError(f"output directory {parent} does not exist; create it first")
     if not os.access(parent, os.W_OK | os.X_OK):
@@ -199,20 +201,39 @@ def save_model(
                     location=location,
                     size_threshold=_EXTERNAL_SIZE_THRESHOLD,
                 )
-                # The data file first: a model file must never point at data that is not there.
-                os.replace(Path(tmp) / location, parent / location)
+                _replace_pair(Path(tmp), tmp_model, out, location)
                 written.append(parent / location)
             else:
                 with open(tmp_model, "wb") as fh:
                     fh.write(model.SerializeToString())
                     fh.flush()
                     os.fsync(fh.fileno())
-            os.replace(tmp_model, out)
+                os.replace(tmp_model, out)
         except OSError as exc:
             raise ModelError(f"cannot write {out}: {exc.strerror or exc}") from None
     written.insert(0, out)
     logger.info("wrote %s", ", ".join(str(w) for w in written))
     return written
+
+
+def _replace_pair(tmp: Path, tmp_model: Path, out: Path, location: str) -> None:
+    """Move a model and its data file into place so that no reader ever sees a mixed pair.
+
+    The previous data file (if any) is moved aside first and put back if anything fails before
+    the new model is in place, so an interrupted write leaves the previous output intact.
+    """
+    final_data = out.parent / location
+    backup = tmp / (location + ".previous")
+    had_previous = final_data.exists()
+    if had_previous:
+        os.replace(final_data, backup)
+    try:
+        os.replace(tmp / location, final_data)
+        os.replace(tmp_model, out)
+    except BaseException:
+        if had_previous and backup.exists():
+            os.replace(backup, final_data)
+        raise
 
 
 def model_file_size(path: str | os.PathLike[str]) -> int:

@@ -47,12 +47,17 @@ class Whitener:
     """
 
     L: np.ndarray
-    method: str  # "cholesky", "eigh" or "diag"
+    method: str  # "cholesky", "eigh", "diag", or "identity (<why>)" when whitening cannot apply
     eps: float
 
     @property
     def is_diagonal(self) -> bool:
-        return self.method == "diag"
+        return self.method == "diag" or self.method.startswith("identity")
+
+    @property
+    def fallback(self) -> str | None:
+        """Why whitening fell back to plain factorization, or ``None``."""
+        return self.method[len("identity ("):-1] if self.method.startswith("identity") else None
 
     def apply(self, W: np.ndarray, side: str) -> np.ndarray:
         """``L^T W`` (inputs along rows) or ``W L`` (inputs along columns)."""
@@ -124,10 +129,13 @@ def make_whitener(G: np.ndarray, mode: str = "full", *, eps: float = DEFAULT_EPS
     G = np.asarray(G, dtype=np.float64)
     K = G.shape[0]
     G = 0.5 * (G + G.T)  # accumulated sums can lose exact symmetry
+    if not np.all(np.isfinite(G)):
+        logger.warning("calibration activations contain NaN or Inf: falling back to plain factorization")
+        return Whitener(np.eye(K), "identity (non-finite calibration activations)", eps)
     scale = float(np.trace(G)) / K if K else 0.0
-    if not np.isfinite(scale) or scale <= 0.0:
+    if scale <= 0.0:
         logger.warning("calibration Gram matrix is zero: falling back to plain factorization")
-        return Whitener(np.eye(K), "diag", eps)
+        return Whitener(np.eye(K), "identity (layer input is zero on the calibration data)", eps)
     if mode == "diag":
         # ASVD's scaling S = diag(rms(x_i))^alpha with alpha = 0.5 (their best on LLMs): alpha = 1
         # (the exact diagonal whitening) over-trusts a few loud features and was worse than no

@@ -13,14 +13,17 @@ inside If/Loop/Scan bodies and local functions, which are left intact.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import onnx
 from onnx import helper
+from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from onnx_lowrank.config import LowRankConfig
@@ -28,7 +31,7 @@ from onnx_lowrank.ranks import break_even_rank
 from onnx_lowrank.report import LayerResult
 
 from .gemm import match_gemm
-from .graph import QUANTIZED_OPS, Candidate, GraphContext, Rewrite, subgraph_nodes
+from .graph import QUANTIZED_OPS, Candidate, GraphContext, Rewrite, subgraph_nodes, unique_labels
 from .matmul import match_matmul
 from .planning import PassState, attach_whiteners, choose_ranks, estimate_macs, latency_guard
 
@@ -49,9 +52,9 @@ except ImportError:  # pragma: no cover - only while conv.py is absent
 
 FAMILIES = ("MatMul", "Gemm", "Conv")
 
-# Our own output: nodes named "<node>/lowrank_a|b[_k]". Factorizing them again would only stack
-# error, so a second run leaves them alone.
-_OWN_NODE = re.compile(r"/lowrank_[a-z](_\d+)?$")
+# Our own output: factor initializers named "<weight>/lowrank_a|b|c[_k]". Factorizing them again
+# would only stack error, so a second run leaves them alone (whatever their nodes are named).
+_OWN_FACTOR = re.compile(r"/lowrank_[a-z](_\d+)?$")
 
 
 def apply_lowrank(
@@ -139,8 +142,7 @@ def find_candidates(
     """
     ctx = ctx if ctx is not None else GraphContext(model)
     found: list[tuple[LayerResult, Candidate | None]] = []
-    for index, node in enumerate(model.graph.node):
-        label = GraphContext.node_label(node, index)
+    for node, label in zip(model.graph.node, unique_labels(model.graph)):
         if node.op_type in QUANTIZED_OPS:
             found.append((LayerResult(label, node.op_type, "skipped", reason="quantized operator: left alone"), None))
             continue
@@ -165,11 +167,11 @@ def _consider(
 ) -> tuple[LayerResult, Candidate | None]:
     op = node.op_type
     row = LayerResult(label, op, "skipped")
-    if _OWN_NODE.search(node.name):
-        row.reason = "already a low-rank factor (made by onnx-lowrank)"
-        return row, None
     if op not in config.op_types:
         row.reason = f"op type {op} not selected (--op-types {','.join(config.op_types)})"
+        return row, None
+    if any(_OWN_FACTOR.search(name) for name in node.input[:2] if name):
+        row.reason = "already a low-rank factor (made by onnx-lowrank)"
         return row, None
     matcher = MATCHERS.get(op)
     if matcher is None:
@@ -205,29 +207,52 @@ def _factorize_all(
     state: PassState,
     progress: bool,
 ) -> dict[int, Rewrite]:
-    """Factorize each distinct (weight, view, rank) once and build every node's rewrite."""
-    made: dict[tuple[Any, int], tuple[Any, dict[str, str]]] = {}
+    """Factorize each distinct (weight, view, rank) once and build every node's rewrite.
+
+    The numerical work (factorization and error measures) of distinct weights runs in
+    ``config.jobs`` threads (0: one per core) with one BLAS thread each; the rewrites are then
+    built in graph order, so names and bytes do not depend on the number of jobs.
+    """
+    unique: dict[tuple[Any, int], tuple[Candidate, int, str]] = {}
+    for cand, rank, row in selected:
+        unique.setdefault((cand.share_key, rank), (cand, rank, row.node))
+
+    def work(item: tuple[Candidate, int, str]) -> tuple[Any, float, float | None, float | None]:
+        cand, rank, label = item
+        start = time.perf_counter()
+        factors = _factors(cand, rank, config, state)
+        result = (factors, cand.relative_error(factors), cand.whitened_error(factors), cand.optimal_error(rank))
+        logger.debug("%s: rank %d in %.3fs", label, rank, time.perf_counter() - start)
+        return result
+
+    items = list(unique.values())
+    bar = tqdm(total=len(items), desc="factorizing", unit="weight", disable=not progress, leave=False)
+    results: list[Any] = []
+    jobs = config.jobs or os.cpu_count() or 1
+    # One BLAS thread per job, always: OpenBLAS results can depend on its thread count (seen
+    # here: 2 of 8 768x768 factors differed in their last bits between 1 and 2 threads), and
+    # one thread per job is what makes the output byte-identical for every --jobs. numpy
+    # releases the GIL in BLAS/LAPACK, so the jobs' threads do run in parallel.
+    with threadpool_limits(limits=1), ThreadPoolExecutor(max_workers=max(1, min(jobs, len(items)))) as pool:
+        for result in pool.map(work, items):
+            results.append(result)
+            bar.update(1)
+    bar.close()
+    computed = {key: (*res, {}) for key, res in zip(unique, results)}
+
     rewrites: dict[int, Rewrite] = {}
-    bar = tqdm(selected, desc="factorizing", unit="layer", disable=not progress, leave=False)
-    for cand, rank, row in bar:
-        bar.set_postfix_str(row.node[-40:], refresh=False)
-        key = (cand.share_key, rank)
-        if key not in made:
-            start = time.perf_counter()
-            factors = _factors(cand, rank, config, state)
-            made[key] = (factors, {})
-            logger.debug("%s: rank %d in %.3fs", row.node, rank, time.perf_counter() - start)
-        else:
+    for cand, rank, row in selected:
+        factors, rel_error, whitened_error, optimal_error, names = computed[(cand.share_key, rank)]
+        if names:
             logger.info("%s shares weight %r: reusing its factors", row.node, cand.weight.name)
-        factors, names = made[key]
         rewrites[id(cand.node)] = cand.rewrite(ctx, factors, names)
         row.status = "factorized"
         row.reason = None
         row.rank = rank
         row.params_after = cand.factored_params(rank)
-        row.rel_error = cand.relative_error(factors)
-        row.whitened_error = cand.whitened_error(factors)
-        row.optimal_error = cand.optimal_error(rank)
+        row.rel_error = rel_error
+        row.whitened_error = whitened_error
+        row.optimal_error = optimal_error
         conv_macs = getattr(cand, "macs", None)  # convs count their intermediate resolutions
         counted = None
         if conv_macs is not None and state.shapes:
@@ -236,7 +261,6 @@ def _factorize_all(
             row.macs_before, row.macs_after = counted
         elif row.macs_before is not None and row.params_before:
             row.macs_after = cand.macs_after(rank, row.macs_before)
-    bar.close()
     return rewrites
 
 

@@ -125,6 +125,7 @@ class GraphContext:
         """The node's name, or ``<op_type>_<index>`` for unnamed nodes (common in hand-made graphs)."""
         return node.name or f"{node.op_type}_{index}"
 
+
     # -- constants -----------------------------------------------------------------------
     def constant(self, name: str) -> ConstantWeight | None:
         """Resolve a tensor name to a constant value, or ``None`` if it is not constant."""
@@ -172,7 +173,12 @@ class GraphContext:
         node = self.producers.get(name)
         if node is None:
             return f"weight {name!r} is not produced in this graph (outer-scope value)"
-        if node.op_type == "DequantizeLinear":
+        source = node
+        for _ in range(8):  # look through Identity/Transpose/Cast for a quantized source
+            if source.op_type not in _PASS_THROUGH or not source.input or source.input[0] not in self.producers:
+                break
+            source = self.producers[source.input[0]]
+        if source.op_type == "DequantizeLinear":
             return f"weight {name!r} comes from DequantizeLinear (quantized model): left alone"
         return f"weight {name!r} is computed at run time by {node.op_type} node {node.name!r}"
 
@@ -414,3 +420,17 @@ def subgraph_nodes(graph: onnx.GraphProto) -> Iterator[tuple[str, onnx.NodeProto
                 for inner in g.node:
                     yield owner, inner
                 yield from subgraph_nodes(g)
+
+
+def unique_labels(graph: onnx.GraphProto) -> list[str]:
+    """A distinct display label per node of ``graph``: its name, ``<op_type>_<index>`` when
+    unnamed, and ``<name>#<k>`` for the k-th repeat of a duplicated name (names need not be unique
+    in ONNX, but report rows, MAC estimates and fixed ranks are keyed by label)."""
+    labels: list[str] = []
+    seen: dict[str, int] = {}
+    for index, node in enumerate(graph.node):
+        base = GraphContext.node_label(node, index)
+        count = seen.get(base, 0)
+        seen[base] = count + 1
+        labels.append(base if count == 0 else f"{base}#{count + 1}")
+    return labels

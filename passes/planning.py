@@ -26,7 +26,7 @@ from onnx_lowrank.ranks import break_even_rank, select_rank
 from onnx_lowrank.report import LayerResult
 from onnx_lowrank.whiten import make_whitener
 
-from .graph import Candidate
+from .graph import Candidate, unique_labels
 
 __all__ = ["PassState", "attach_whiteners", "estimate_macs", "choose_ranks", "latency_guard"]
 
@@ -98,6 +98,8 @@ def attach_whiteners(
             whitener = state.whiteners[cache_key] = make_whitener(gram, mode, eps=config.whiten_eps)
         for cand in members:
             cand.set_whitener(whitener)
+            if whitener.fallback:
+                cand.note = _join(cand.note, f"not whitened: {whitener.fallback}")
 
 
 def estimate_macs(
@@ -109,9 +111,10 @@ def estimate_macs(
     deployment runs; nodes whose shapes stay unknown are absent.
     """
     shapes = _concrete_input_shapes(model, input_shapes)
+    labels = unique_labels(model.graph)
     try:
         report = count_flops(model, shapes)
-        macs = {n.name: int(n.macs) for n in report.nodes if n.macs is not None}
+        macs = {labels[n.index]: int(n.macs) for n in report.nodes if n.macs is not None}
     except Exception as exc:  # shape inference is best effort: MACs are informative only
         logger.info("MAC estimate unavailable: %s", exc)
         macs = {}
