@@ -18,13 +18,17 @@ from onnx_lowrank.passes import PassState, apply_lowrank
 
 from .calibration import sample_count, split_samples
 from .config import ConfigError, LowRankConfig
-from .flops import count_params
-from .model_io import EXTERNAL_DATA_THRESHOLD, ModelError, load_model, model_file_size
+from .flops import count_params, load_model_skeleton
+from .model_io import EXTERNAL_DATA_THRESHOLD, ModelError, external_data_bytes, load_model, model_file_size
 from .report import Report
 
 __all__ = ["optimize", "default_model_path"]
 
 Inputs = Union[str, "os.PathLike[str]", Mapping[str, np.ndarray]]
+
+#: Models whose external data exceed this are optimized with their weights left on disk and read
+#: one at a time (1 GiB: above it, holding the model and its factors would dominate memory).
+LAZY_THRESHOLD = 1 << 30
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +41,7 @@ def optimize(
     validation: Inputs | None = None,
     progress: bool = False,
     check: bool = True,
+    lazy: bool | None = None,
 ) -> tuple[onnx.ModelProto, Report]:
     """Factorize the constant weights of MatMul, Gemm and Conv nodes into low-rank pairs.
 
@@ -60,6 +65,12 @@ def optimize(
         Progress bars on stderr (calibration, factorization, search).
     check : bool
         Run ``onnx.checker`` on the result (skipped above the 2 GiB protobuf limit).
+    lazy : bool, optional
+        For a path with external data: keep the weights on disk and read each one when its
+        turn comes, so memory holds about one weight at a time plus the factors. ``None``
+        (default) does so when the external data exceeds :data:`LAZY_THRESHOLD`. The returned
+        model then still refers to the input's data file for the weights it did not change:
+        save it with ``save_model(model, out, input_path=path)``, which copies them over.
 
     Returns
     -------
@@ -87,13 +98,23 @@ def optimize(
     start = time.perf_counter()
     input_path: str | None = None
     size_before: int | None = None
+    base_dir: str | None = None
     if isinstance(model_or_path, onnx.ModelProto):
         model = onnx.ModelProto()
         model.CopyFrom(model_or_path)
     elif isinstance(model_or_path, (str, os.PathLike)):
         input_path = str(model_or_path)
-        model = load_model(model_or_path)
+        model = load_model(model_or_path, load_external_data=False)  # validates the file first
         size_before = model_file_size(model_or_path)
+        if lazy is None:
+            lazy = external_data_bytes(model_or_path) > LAZY_THRESHOLD
+        if not lazy:
+            onnx.external_data_helper.load_external_data_for_model(model, str(Path(model_or_path).resolve().parent))
+        else:
+            base_dir = str(Path(model_or_path).resolve().parent)
+            if config.max_error is not None or config.allocation == "measured":
+                raise ConfigError("--max-error and --allocation measured run the model in memory, which this model "
+                                  "is too large for (its weights are read from disk one at a time)")
     else:
         raise TypeError(f"optimize() takes an onnx.ModelProto or a path, not {type(model_or_path).__name__}")
     seconds["load"] = time.perf_counter() - start
@@ -114,7 +135,8 @@ def optimize(
 
     start = time.perf_counter()
     table = None
-    state = PassState(prefactorize=config.max_error is not None or config.allocation == "measured")
+    state = PassState(prefactorize=config.max_error is not None or config.allocation == "measured",
+                      base_dir=base_dir)
     if config.allocation == "measured":
         if calib is None:
             raise ConfigError("--allocation measured needs --calibration DATA.npz: losses are measured on it")
@@ -142,7 +164,8 @@ def optimize(
     if check and _payload_bytes(model) < EXTERNAL_DATA_THRESHOLD:
         start = time.perf_counter()
         try:
-            onnx.checker.check_model(model)
+            # Weights left on disk are checked when saved; here the graph is (on a data-free copy).
+            onnx.checker.check_model(load_model_skeleton(model) if base_dir else model)
         except onnx.checker.ValidationError as exc:  # a bug of ours, never the user's input
             raise ModelError(f"internal error: the rewritten model fails onnx.checker: {exc}") from exc
         seconds["check"] = time.perf_counter() - start

@@ -65,6 +65,7 @@ def collect_grams(
     inputs: Mapping[str, np.ndarray],
     *,
     progress: bool = False,
+    base_dir: str | None = None,
 ) -> CalibrationStats:
     """Run ``model`` on ``inputs`` and accumulate the input Gram matrix of each request.
 
@@ -81,6 +82,8 @@ def collect_grams(
         :func:`onnx_lowrank.harness.load_inputs`.
     progress : bool
         Progress bar on stderr.
+    base_dir : str, optional
+        Directory of the model file when its external data was not loaded into memory.
 
     Returns
     -------
@@ -95,7 +98,7 @@ def collect_grams(
     stats = CalibrationStats()
     n = sample_count(inputs)
     with tempfile.TemporaryDirectory(prefix="onnx-lowrank-calib-") as tmp:
-        session = _session_with_outputs(model, exposed, Path(tmp))
+        session = _session_with_outputs(model, exposed, Path(tmp), base_dir)
         names = [o.name for o in session.get_outputs()]
         index = {name: names.index(name) for name in exposed}
         bar = tqdm(range(n), desc="calibrating", unit="sample", disable=not progress, leave=False)
@@ -122,7 +125,9 @@ def collect_grams(
     return stats
 
 
-def _session_with_outputs(model: onnx.ModelProto, names: Sequence[str], tmp: Path) -> ort.InferenceSession:
+def _session_with_outputs(
+    model: onnx.ModelProto, names: Sequence[str], tmp: Path, base_dir: str | None = None
+) -> ort.InferenceSession:
     augmented = onnx.ModelProto()
     augmented.CopyFrom(model)
     present = {o.name for o in augmented.graph.output}
@@ -136,8 +141,18 @@ def _session_with_outputs(model: onnx.ModelProto, names: Sequence[str], tmp: Pat
     opts.intra_op_num_threads = min(2, os.cpu_count() or 1)
     opts.log_severity_level = 3
     path = tmp / "calibration.onnx"
-    onnx.save_model(augmented, str(path), save_as_external_data=_large(augmented),
+    external = {e.value for t in onnx.external_data_helper._get_all_tensors(augmented)
+                for e in t.external_data if e.key == "location"}
+    if external:
+        # Weights still on disk: onnxruntime refuses data files outside the model's directory
+        # (symbolic links included), so the copy run for calibration reads them in; calibration
+        # of such models costs one extra copy of the weights in memory (onnxruntime holds one).
+        if base_dir is None:
+            raise ModelError("calibration needs the model's external data directory")
+        onnx.external_data_helper.load_external_data_for_model(augmented, base_dir)
+    onnx.save_model(augmented, str(path), save_as_external_data=_large(augmented) or bool(external),
                     all_tensors_to_one_file=True, location="calibration.onnx.data")
+    del augmented
     try:
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:

@@ -87,6 +87,10 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     f.add_argument("--jobs", type=_positive_int, default=0, metavar="N",
                    help="factorize N weights in parallel, one BLAS thread each; output identical for every N "
                    "(default 0: one per core)")
+    f.add_argument("--dask", metavar="ADDRESS",
+                   help="run the factorizations as tasks on a dask.distributed cluster: a scheduler address "
+                   "(tcp://host:8786) or local:N for N local worker processes; output identical to the local run "
+                   "(pip install 'onnx-lowrank[distributed]')")
     f.add_argument("--conv-scheme", choices=CONV_SCHEMES, default="weight-svd", help="how Conv weights are factorized (default weight-svd)")
     d = parser.add_argument_group("calibration data (activation-aware factorization)")
     d.add_argument("--calibration", metavar="DATA.npz",
@@ -142,6 +146,7 @@ def config_from_args(args: argparse.Namespace) -> LowRankConfig:
         latency=args.latency,
         allocation=args.allocation,
         jobs=args.jobs,
+        dask=args.dask,
     )
 
 

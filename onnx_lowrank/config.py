@@ -81,6 +81,10 @@ class LowRankConfig:
     jobs : int
         Factorize this many weights in parallel, each in a thread with one BLAS thread; 0 (the
         default) is one job per core. The output is byte-identical for every value.
+    dask : str, optional
+        Run the factorizations as tasks on a dask.distributed cluster: a scheduler address
+        (``tcp://host:8786``) or ``local:N`` for a local cluster of N worker processes. Results
+        are identical to the local run.
     allocation : {"energy", "measured"}
         How a global budget is spent: by normalized (whitened) spectral energy per parameter, or
         by the measured loss of the model's output when each layer alone is truncated to a few
@@ -113,6 +117,7 @@ class LowRankConfig:
     latency: str = "off"
     allocation: str = "energy"
     jobs: int = 0
+    dask: str | None = None
 
     def __post_init__(self) -> None:
         # Accept lists from callers but store tuples so the config stays hashable and frozen.
@@ -149,6 +154,12 @@ class LowRankConfig:
             raise ConfigError(f"--holdout must be in (0, 1), got {self.holdout!r}")
         if not _is_int(self.jobs) or self.jobs < 0:
             raise ConfigError(f"--jobs must be an integer >= 0 (0 = one per core), got {self.jobs!r}")
+        if self.dask is not None and not (isinstance(self.dask, str) and self.dask.strip()):
+            raise ConfigError(f"--dask takes a scheduler address or local:N, got {self.dask!r}")
+        if isinstance(self.dask, str) and self.dask.startswith("local:"):
+            n = self.dask[len("local:"):]
+            if not n.isdigit() or int(n) < 1:
+                raise ConfigError(f"--dask local:N needs a positive number of workers, got {self.dask!r}")
         if self.allocation not in ALLOCATIONS:
             raise ConfigError(f"--allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
         if self.allocation == "measured" and self.target_params is None and self.target_flops is None \

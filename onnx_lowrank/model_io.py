@@ -184,14 +184,28 @@ def save_model(
         The files written (the model, and its external data file if any).
     """
     out = check_output_path(path, input_path)
+    on_disk = _external_tensors(model)  # weights of a lazily loaded model, still in the input's file
+    if on_disk and input_path is None:
+        raise ModelError("the model refers to external data files that were not loaded; pass input_path "
+                         "(the model it was read from) so they can be copied")
     if external_data is None:
-        external_data = _tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
+        external_data = bool(on_disk) or _tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
     parent = out.parent if str(out.parent) else Path(".")
     written: list[Path] = []
     with tempfile.TemporaryDirectory(prefix=".onnx-lowrank-", dir=parent) as tmp:
         tmp_model = Path(tmp) / out.name
         try:
-            if external_data:
+            if on_disk:
+                location = out.name + ".data"
+                source_dir = Path(input_path).resolve().parent  # type: ignore[arg-type]
+                sources = {source_dir / e.value for t in on_disk for e in t.external_data if e.key == "location"}
+                if (parent.resolve() / location) in {p.resolve() for p in sources}:
+                    raise ModelError(f"{parent / location} is the input's external data file; choose another output name")
+                _write_streaming(model, Path(tmp), location, Path(input_path).resolve().parent)  # type: ignore[arg-type]
+                tmp_model.write_bytes(model.SerializeToString())
+                _replace_pair(Path(tmp), tmp_model, out, location)
+                written.append(parent / location)
+            elif external_data:
                 location = out.name + ".data"
                 onnx.save_model(
                     model,
@@ -234,6 +248,58 @@ def _replace_pair(tmp: Path, tmp_model: Path, out: Path, location: str) -> None:
         if had_previous and backup.exists():
             os.replace(backup, final_data)
         raise
+
+
+def external_data_bytes(path: str | os.PathLike[str]) -> int:
+    """Bytes of a model's tensors stored in external files (read from the headers only)."""
+    try:
+        model = onnx.load_model(str(path), load_external_data=False)
+    except Exception:  # load_model reports unreadable files with a better message
+        return 0
+    total = 0
+    for tensor in _external_tensors(model):
+        info = {e.key: e.value for e in tensor.external_data}
+        total += int(info.get("length", 0) or 0)
+    return total
+
+
+def _write_streaming(model: onnx.ModelProto, tmp: Path, location: str, source_dir: Path) -> None:
+    """Write every large tensor to ``tmp/location``: bytes of tensors still on disk are copied
+    from ``source_dir`` in chunks, in-memory ones written and dropped from the message; the
+    tensors then refer to the new file. Memory stays at one chunk plus the message."""
+    chunk = 1 << 24
+    with open(tmp / location, "wb") as out:
+        for tensor in onnx.external_data_helper._get_all_tensors(model):
+            external = tensor.HasField("data_location") and tensor.data_location == onnx.TensorProto.EXTERNAL
+            if external:
+                info = {e.key: e.value for e in tensor.external_data}
+                src = source_dir / info["location"]
+                offset = int(info.get("offset", 0) or 0)
+                length = int(info.get("length", 0) or 0) or (src.stat().st_size - offset)
+                start = out.tell()
+                with open(src, "rb") as fh:
+                    fh.seek(offset)
+                    left = length
+                    while left:
+                        block = fh.read(min(chunk, left))
+                        if not block:
+                            raise ModelError(f"external data file {src} is shorter than tensor {tensor.name!r} needs")
+                        out.write(block)
+                        left -= len(block)
+            elif len(tensor.raw_data) >= _EXTERNAL_SIZE_THRESHOLD:
+                start = out.tell()
+                length = len(tensor.raw_data)
+                out.write(tensor.raw_data)
+                tensor.ClearField("raw_data")
+            else:
+                continue
+            del tensor.external_data[:]
+            for key, value in (("location", location), ("offset", str(start)), ("length", str(length))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+        out.flush()
+        os.fsync(out.fileno())
 
 
 def model_file_size(path: str | os.PathLike[str]) -> int:

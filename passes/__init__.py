@@ -18,6 +18,7 @@ import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -35,7 +36,7 @@ from .graph import QUANTIZED_OPS, Candidate, GraphContext, Rewrite, subgraph_nod
 from .matmul import match_matmul
 from .planning import PassState, attach_whiteners, choose_ranks, estimate_macs, latency_guard
 
-__all__ = ["apply_lowrank", "find_candidates", "PassState", "MATCHERS", "FAMILIES"]
+__all__ = ["apply_lowrank", "find_candidates", "run_job", "FactorJob", "JobResult", "PassState", "MATCHERS", "FAMILIES"]
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ def apply_lowrank(
         One row per MatMul/Gemm/Conv (and quantized matrix op) node, in graph order.
     """
     state = state if state is not None else PassState()
-    ctx = GraphContext(model)
+    ctx = GraphContext(model, base_dir=state.base_dir)
     found = find_candidates(model, config, ctx=ctx)
     rows = [row for row, _ in found]
     active = [(row, cand) for row, cand in found if cand is not None]
@@ -217,28 +218,35 @@ def _factorize_all(
     for cand, rank, row in selected:
         unique.setdefault((cand.share_key, rank), (cand, rank, row.node))
 
-    def work(item: tuple[Candidate, int, str]) -> tuple[Any, float, float | None, float | None]:
-        cand, rank, label = item
-        start = time.perf_counter()
-        factors = _factors(cand, rank, config, state)
-        result = (factors, cand.relative_error(factors), cand.whitened_error(factors), cand.optimal_error(rank))
-        logger.debug("%s: rank %d in %.3fs", label, rank, time.perf_counter() - start)
-        return result
+    jobs_list = []
+    for cand, rank, label in unique.values():
+        cached = state.factors.get(cand.share_key)
+        target = rank
+        if cached is None and state.prefactorize:
+            target = max(rank, break_even_rank(cand.params_before, cand.factored_params, cand.max_rank) - 1)
+        jobs_list.append(FactorJob(cand, rank, target, config, cached, label))
 
-    items = list(unique.values())
-    bar = tqdm(total=len(items), desc="factorizing", unit="weight", disable=not progress, leave=False)
-    results: list[Any] = []
-    jobs = config.jobs or os.cpu_count() or 1
-    # One BLAS thread per job, always: OpenBLAS results can depend on its thread count (seen
-    # here: 2 of 8 768x768 factors differed in their last bits between 1 and 2 threads), and
-    # one thread per job is what makes the output byte-identical for every --jobs. numpy
-    # releases the GIL in BLAS/LAPACK, so the jobs' threads do run in parallel.
-    with threadpool_limits(limits=1), ThreadPoolExecutor(max_workers=max(1, min(jobs, len(items)))) as pool:
-        for result in pool.map(work, items):
-            results.append(result)
-            bar.update(1)
+    bar = tqdm(total=len(jobs_list), desc="factorizing", unit="weight", disable=not progress, leave=False)
+    results: list[JobResult] = []
+    if config.dask:
+        from onnx_lowrank.distributed import run_jobs
+
+        results = run_jobs(config.dask, jobs_list, progress=bar.update)
+    else:
+        jobs = config.jobs or os.cpu_count() or 1
+        # One BLAS thread per job, always: OpenBLAS results can depend on its thread count (seen
+        # here: 2 of 8 768x768 factors differed in their last bits between 1 and 2 threads), and
+        # one thread per job is what makes the output byte-identical for every --jobs. numpy
+        # releases the GIL in BLAS/LAPACK, so the jobs' threads do run in parallel.
+        with threadpool_limits(limits=1), ThreadPoolExecutor(max_workers=max(1, min(jobs, len(jobs_list)))) as pool:
+            for result in pool.map(run_job, jobs_list):
+                results.append(result)
+                bar.update(1)
     bar.close()
-    computed = {key: (*res, {}) for key, res in zip(unique, results)}
+    for job, result in zip(jobs_list, results):
+        if result.full is not None:
+            state.factors[job.candidate.share_key] = result.full
+    computed = {key: (r.factors, r.rel_error, r.whitened_error, r.optimal_error, {}) for key, r in zip(unique, results)}
 
     rewrites: dict[int, Rewrite] = {}
     for cand, rank, row in selected:
@@ -264,22 +272,48 @@ def _factorize_all(
     return rewrites
 
 
-def _factors(cand: Candidate, rank: int, config: LowRankConfig, state: PassState) -> Any:
-    """Factors at ``rank``, sliced from a larger cached factorization of the same weight if any."""
-    cached = state.factors.get(cand.share_key)
-    if cached is not None:
-        sliced = cand.truncate(cached, rank)
-        if sliced is not None:
-            return sliced
-    target = rank
-    if state.prefactorize:
-        target = max(rank, break_even_rank(cand.params_before, cand.factored_params, cand.max_rank) - 1)
-    factors = cand.factorize(target, config)
-    sliced = cand.truncate(factors, rank) if target != rank else factors
-    if sliced is None:  # this scheme's factors cannot be truncated: factorize at the rank itself
-        return cand.factorize(rank, config)
-    state.factors[cand.share_key] = factors
-    return sliced
+@dataclass
+class FactorJob:
+    """One weight to factorize: everything a worker (thread, process or cluster node) needs."""
+
+    candidate: Candidate
+    rank: int
+    target: int  # > rank: factorize there and keep the result for later truncations
+    config: LowRankConfig
+    cached: Any = None  # a larger factorization of the same weight, to truncate
+    label: str = ""
+
+
+@dataclass
+class JobResult:
+    factors: Any
+    rel_error: float
+    whitened_error: float | None
+    optimal_error: float | None
+    full: Any = None  # the factorization at ``target``, to cache
+    seconds: float = 0.0
+
+
+def run_job(job: FactorJob) -> JobResult:
+    """Factorize one weight and measure its errors (pure: safe in threads and remote workers)."""
+    start = time.perf_counter()
+    cand, rank = job.candidate, job.rank
+    cand.hold()  # a lazily loaded weight is read once for all that follows, then dropped
+    try:
+        full = None
+        factors = cand.truncate(job.cached, rank) if job.cached is not None else None
+        if factors is None:
+            full = cand.factorize(job.target, job.config)
+            factors = cand.truncate(full, rank) if job.target != rank else full
+            if factors is None:  # this scheme's factors cannot be truncated: factorize at the rank
+                full, factors = None, cand.factorize(rank, job.config)
+        result = JobResult(factors, cand.relative_error(factors), cand.whitened_error(factors),
+                           cand.optimal_error(rank), full=full if job.target != rank else None,
+                           seconds=time.perf_counter() - start)
+    finally:
+        cand.release()
+    logger.debug("%s: rank %d in %.3fs", job.label, rank, result.seconds)
+    return result
 
 
 def _splice(model: onnx.ModelProto, rewrites: dict[int, Rewrite]) -> None:

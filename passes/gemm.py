@@ -18,6 +18,8 @@ and opsets below 11 (``C`` was mandatory, so the first node could not be a Gemm)
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import onnx
 from onnx import helper
@@ -41,8 +43,12 @@ class GemmCandidate(Candidate):
         self.alpha = float(attr(node, "alpha", 1.0))
         self.beta = float(attr(node, "beta", 1.0))
         transposed = self.trans_b if side == "right" else self.trans_a
-        matrix = weight.value.T if transposed else weight.value
-        super().__init__(node, label, weight, matrix, view="T" if transposed else "")
+        shape = tuple(reversed(weight.shape)) if transposed else weight.shape
+        if weight.lazy:
+            matrix = functools.partial(weight.array, transpose=bool(transposed))
+        else:
+            matrix = weight.value.T if transposed else weight.value
+        super().__init__(node, label, weight, matrix, view="T" if transposed else "", shape=shape)
         self.transposed = bool(transposed)
 
     @property

@@ -8,9 +8,10 @@ selection, factorization, sharing factors between nodes and cleanup.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,19 +52,55 @@ QUANTIZED_OPS = {"MatMulInteger", "QLinearMatMul", "QLinearConv", "ConvInteger",
 _PASS_THROUGH = {"Identity", "Transpose", "Cast"}
 
 
-@dataclass(frozen=True)
 class ConstantWeight:
     """A weight input resolved to its value.
 
     ``source`` names the initializer or Constant output that holds the data; ``chain`` the
-    Identity/Transpose/Cast nodes between it and the consuming node (outermost last).
+    Identity/Transpose/Cast nodes between it and the consuming node (outermost last). ``value``
+    is either held in memory or read on each access from the model's external data file (models
+    loaded lazily, to bound memory), so callers that need it repeatedly keep their own copy.
     """
 
-    name: str
-    source: str
-    value: np.ndarray
-    elem_type: int
-    chain: tuple[str, ...] = ()
+    def __init__(
+        self,
+        name: str,
+        source: str,
+        value: np.ndarray | Callable[[], np.ndarray],
+        elem_type: int,
+        chain: tuple[str, ...] = (),
+        *,
+        shape: tuple[int, ...] | None = None,
+    ) -> None:
+        self.name = name
+        self.source = source
+        self.elem_type = elem_type
+        self.chain = chain
+        if callable(value):
+            if shape is None:
+                raise ValueError("a lazily loaded weight needs its shape")
+            self._load: Callable[[], np.ndarray] | None = value
+            self._value: np.ndarray | None = None
+            self.shape = tuple(int(d) for d in shape)
+        else:
+            self._load, self._value = None, value
+            self.shape = tuple(value.shape)
+
+    @property
+    def lazy(self) -> bool:
+        return self._load is not None
+
+    @property
+    def value(self) -> np.ndarray:
+        return self._load() if self._load is not None else self._value  # type: ignore[return-value]
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    def array(self, *, transpose: bool = False) -> np.ndarray:
+        """The value, transposed if asked (a picklable loader for lazy candidates)."""
+        value = self.value
+        return value.T if transpose else value
 
 
 @dataclass
@@ -77,8 +114,11 @@ class Rewrite:
 class GraphContext:
     """Read-only index of the top-level graph plus a generator of unique names."""
 
-    def __init__(self, model: onnx.ModelProto) -> None:
+    def __init__(self, model: onnx.ModelProto, *, base_dir: str | None = None) -> None:
         self.model = model
+        #: Directory of the model file: external tensors not loaded into memory are read from
+        #: there, one weight at a time (bounded memory for models of several GB).
+        self.base_dir = base_dir
         graph = model.graph
         self.graph = graph
         self.initializers: dict[str, onnx.TensorProto] = {t.name: t for t in graph.initializer}
@@ -140,6 +180,13 @@ class GraphContext:
             if name in self.graph_inputs and not self.legacy_inputs:
                 return None  # an initializer that is also an input can be overridden at run time
             t = self.initializers[name]
+            if _is_external(t):
+                if self.base_dir is None:
+                    return None  # data not loaded and nowhere to read it from
+                header = onnx.TensorProto()
+                header.CopyFrom(t)  # external tensors hold no data: the copy is tiny
+                loader = functools.partial(_read_external, header, self.base_dir)
+                return ConstantWeight(name, name, loader, t.data_type, shape=tuple(t.dims))
             return ConstantWeight(name, name, numpy_helper.to_array(t), t.data_type)
         node = self.producers.get(name)
         if node is None:
@@ -153,14 +200,18 @@ class GraphContext:
             inner = self._resolve(node.input[0], depth + 1)
             if inner is None:
                 return None
-            value, elem_type = inner.value, inner.elem_type
+            elem_type, shape, perm = inner.elem_type, inner.shape, None
             if node.op_type == "Transpose":
                 perm = _attr(node, "perm", None)
-                value = np.transpose(value, perm)
+                perm = list(perm) if perm is not None else list(reversed(range(len(shape))))
+                shape = tuple(shape[i] for i in perm)
             elif node.op_type == "Cast":
                 elem_type = int(_attr(node, "to", elem_type))
-                value = value.astype(helper.tensor_dtype_to_np_dtype(elem_type))
-            return ConstantWeight(name, inner.source, value, elem_type, inner.chain + (node.name or name,))
+            loader = functools.partial(_through, inner, perm, elem_type)
+            chain = inner.chain + (node.name or name,)
+            if inner.lazy:
+                return ConstantWeight(name, inner.source, loader, elem_type, chain, shape=shape)
+            return ConstantWeight(name, inner.source, loader(), elem_type, chain)
         return None
 
     def why_not_constant(self, name: str) -> str:
@@ -218,15 +269,25 @@ class Candidate:
         node: onnx.NodeProto,
         label: str,
         weight: ConstantWeight,
-        matrix: np.ndarray,
+        matrix: np.ndarray | Callable[[], np.ndarray],
         *,
         view: str = "",
+        shape: tuple[int, int] | None = None,
     ) -> None:
         self.node = node
         self.label = label
         self.weight = weight
-        compute = FLOAT_TYPES[weight.elem_type]
-        self.matrix = np.ascontiguousarray(matrix, dtype=compute)
+        self._compute = FLOAT_TYPES[weight.elem_type]
+        if callable(matrix):  # read when needed, dropped by release(): bounded memory
+            if shape is None:
+                raise ValueError("a lazily loaded matrix needs its shape")
+            self._matrix_loader: Callable[[], np.ndarray] | None = matrix
+            self._matrix: np.ndarray | None = None
+            self._shape = (int(shape[0]), int(shape[1]))
+        else:
+            self._matrix_loader = None
+            self._matrix = np.ascontiguousarray(matrix, dtype=self._compute)
+            self._shape = self._matrix.shape
         self.view = view
         self._spectrum: tuple[np.ndarray, float] | None = None
         self.whitener: Whitener | None = None
@@ -269,12 +330,31 @@ class Candidate:
         return self.node.op_type
 
     @property
+    def matrix(self) -> np.ndarray:
+        """The matrix view, in the compute dtype (read from disk first if lazily loaded)."""
+        if self._matrix is None:
+            assert self._matrix_loader is not None
+            return np.ascontiguousarray(self._matrix_loader(), dtype=self._compute)
+        return self._matrix
+
+    def hold(self) -> np.ndarray:
+        """Load a lazy matrix and keep it until :meth:`release` (for a run of computations)."""
+        if self._matrix is None:
+            self._matrix = self.matrix
+        return self._matrix
+
+    def release(self) -> None:
+        """Drop a lazily loaded matrix (in-memory models keep theirs)."""
+        if self._matrix_loader is not None:
+            self._matrix = None
+
+    @property
     def shape(self) -> tuple[int, int]:
-        return self.matrix.shape  # type: ignore[return-value]
+        return self._shape  # type: ignore[return-value]
 
     @property
     def params_before(self) -> int:
-        return int(self.weight.value.size)
+        return self.weight.size
 
     @property
     def max_rank(self) -> int:
@@ -298,7 +378,8 @@ class Candidate:
         if self._spectrum is None or len(self._spectrum[0]) < min(k, self.max_rank):
             # With calibration data the spectrum is that of the whitened matrix: the energy of
             # the layer's output on that data, which is what ranks should preserve.
-            target = self.matrix if self.whitener is None else self.whitener.apply(self.matrix, self.side)
+            matrix = self.matrix
+            target = matrix if self.whitener is None else self.whitener.apply(matrix, self.side)
             total = float(np.sum(np.square(target, dtype=np.float64)))
             sigma = linalg.singular_values(target, k=min(max(k, 1), self.max_rank))
             self._spectrum = (np.asarray(sigma, dtype=np.float64), total)
@@ -374,6 +455,30 @@ class Candidate:
     def store(self, array: np.ndarray) -> np.ndarray:
         """Cast a factor to the weight's storage dtype (float16/bfloat16 weights stay half)."""
         return np.ascontiguousarray(array.astype(helper.tensor_dtype_to_np_dtype(self.weight.elem_type)))
+
+
+def _is_external(tensor: onnx.TensorProto) -> bool:
+    return tensor.HasField("data_location") and tensor.data_location == onnx.TensorProto.EXTERNAL
+
+
+def _read_external(header: onnx.TensorProto, base_dir: str) -> np.ndarray:
+    """Read one external tensor from disk (``header`` carries its location, offset, length)."""
+    tensor = onnx.TensorProto()
+    tensor.CopyFrom(header)
+    onnx.external_data_helper.load_external_data_for_tensor(tensor, base_dir)
+    tensor.data_location = onnx.TensorProto.DEFAULT
+    del tensor.external_data[:]
+    return numpy_helper.to_array(tensor)
+
+
+def _through(inner: ConstantWeight, perm: list[int] | None, elem_type: int) -> np.ndarray:
+    """The value behind a Transpose (``perm``) or Cast (``elem_type``) node."""
+    value = inner.value
+    if perm is not None:
+        value = np.transpose(value, perm)
+    if elem_type != inner.elem_type:
+        value = value.astype(helper.tensor_dtype_to_np_dtype(elem_type))
+    return value
 
 
 def _constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:

@@ -29,7 +29,8 @@ class MatMulCandidate(Candidate):
     """``X @ W`` (``side="right"``) or ``W @ X`` (``side="left"``) with the matrix view ``W``."""
 
     def __init__(self, node: onnx.NodeProto, label: str, weight: ConstantWeight, side: str) -> None:
-        super().__init__(node, label, weight, weight.value)
+        matrix = weight.array if weight.lazy else weight.value
+        super().__init__(node, label, weight, matrix, shape=weight.shape)
         # Right weight: inputs are the rows of W (y = x W). Left weight: y = W x, inputs are
         # the columns of W, i.e. the columns of X.
         self.operand = side
@@ -85,9 +86,9 @@ def check_weight(weight: ConstantWeight, ndim: int = 2) -> str | None:
     if weight.elem_type not in FLOAT_TYPES:
         dtype = onnx.TensorProto.DataType.Name(weight.elem_type).lower()
         return f"weight {weight.name!r} has dtype {dtype}, not a float type"
-    if weight.value.ndim != ndim:
-        kind = "a vector" if weight.value.ndim == 1 else f"{weight.value.ndim}-D"
-        return f"weight {weight.name!r} is {kind} {list(weight.value.shape)}, only {ndim}-D weights are factorized"
-    if not np.all(np.isfinite(weight.value.astype(np.float64, copy=False))):
+    if len(weight.shape) != ndim:
+        kind = "a vector" if len(weight.shape) == 1 else f"{len(weight.shape)}-D"
+        return f"weight {weight.name!r} is {kind} {list(weight.shape)}, only {ndim}-D weights are factorized"
+    if not np.all(np.isfinite(weight.value)):
         return f"weight {weight.name!r} contains NaN or Inf: left alone"
     return None

@@ -49,6 +49,8 @@ class PassState:
     macs: dict[str, int] | None = None
     shapes: dict[str, list[int | None]] | None = None
     whiteners: dict[Any, Any] = field(default_factory=dict)
+    #: Directory of a model whose external data was not loaded (read weight by weight).
+    base_dir: str | None = None
 
 
 Selected = list[tuple[Candidate, int, LayerResult]]
@@ -77,7 +79,7 @@ def attach_whiteners(
     have = state.stats.grams if state.stats is not None else {}
     missing = [c for _, c in supported if (c.activation, c.feature_key) not in have]
     if missing:  # one onnxruntime pass for every layer input not seen yet (usually all, once)
-        stats = collect_grams(model, missing, calibration, progress=progress)
+        stats = collect_grams(model, missing, calibration, progress=progress, base_dir=state.base_dir)
         if state.stats is None:
             state.stats = stats
         else:
