@@ -91,6 +91,7 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--dir", default="/tmp/onnx-lowrank-big")
     ap.add_argument("--json", default="benchmarks/results/memory.json")
+    ap.add_argument("--no-dask", action="store_true", help="skip the --dask local:2 run")
     args = ap.parse_args()
     d = Path(args.dir)
     d.mkdir(parents=True, exist_ok=True)
@@ -106,7 +107,8 @@ def main() -> None:
     try:
         import distributed  # noqa: F401
 
-        variants.append(("dask_local2", ["--dask", "local:2"]))
+        if not args.no_dask:
+            variants.append(("dask_local2", ["--dask", "local:2"]))
     except ImportError:
         pass
     for name, extra in variants:

@@ -15,7 +15,7 @@ The recipe, end to end on a small PyTorch MLP trained here on scikit-learn's dig
 
 Run::
 
-    pip install 'onnx-lowrank[ir,dev]' torch      # dev brings scikit-learn (the digits data)
+    pip install 'onnx-lowrank[ir,dev]' torch==2.13.0   # CPU build; dev brings scikit-learn
     python examples/export_compress_quantize.py --out-dir recipe/
 
 A ``summary.json`` with the numbers of each step is written to ``--out-dir``.
