@@ -104,3 +104,16 @@ def test_lazy_peak_memory_is_bounded(tmp_path):
         peaks[lazy] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_kb"] / 1024
     # the eager run holds at least the 64 MiB of weights more than the lazy one
     assert peaks[False] - peaks[True] > 48, peaks
+
+
+def test_cli_switches_to_lazy_above_the_threshold(tmp_path, monkeypatch, capsys):
+    from onnx_lowrank import api
+    from onnx_lowrank.cli import main
+
+    path, x, expected = _external_model(tmp_path, seed=5)
+    monkeypatch.setattr(api, "LAZY_THRESHOLD", 1000)  # this small model counts as "large"
+    out = tmp_path / "cli.onnx"
+    assert main(["optimize", str(path), str(out), "--rank", "100000", "--force", "--jobs", "2"]) == 0
+    assert "factorized 4 of 4" in capsys.readouterr().out
+    assert (tmp_path / "cli.onnx.data").exists()  # unchanged tensors streamed into the output's data file
+    assert rel_err(run(onnx.load(out), {"x": x})[0], expected) < 1e-5
