@@ -159,13 +159,15 @@ def optimize(
                              fixed_ranks=fixed, progress=progress)
     if state.stats is not None:
         details["calibration"]["seconds"] = round(state.stats.seconds, 3)
-    seconds["factorize"] = time.perf_counter() - start
+    seconds["optimize"] = time.perf_counter() - start
+    seconds.update(state.seconds)  # its split: plan (incl. calibration), factorize, rewrite
 
     if check and _payload_bytes(model) < EXTERNAL_DATA_THRESHOLD:
         start = time.perf_counter()
         try:
-            # Weights left on disk are checked when saved; here the graph is (on a data-free copy).
-            onnx.checker.check_model(load_model_skeleton(model) if base_dir else model)
+            # The graph is checked on a data-free copy: checking the model itself would serialize
+            # all of its weights once more (and weights left on disk are not readable from here).
+            onnx.checker.check_model(load_model_skeleton(model))
         except onnx.checker.ValidationError as exc:  # a bug of ours, never the user's input
             raise ModelError(f"internal error: the rewritten model fails onnx.checker: {exc}") from exc
         seconds["check"] = time.perf_counter() - start

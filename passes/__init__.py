@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
@@ -94,6 +94,7 @@ def apply_lowrank(
         One row per MatMul/Gemm/Conv (and quantized matrix op) node, in graph order.
     """
     state = state if state is not None else PassState()
+    clock = time.perf_counter()
     ctx = GraphContext(model, base_dir=state.base_dir)
     found = find_candidates(model, config, ctx=ctx)
     rows = [row for row, _ in found]
@@ -117,14 +118,23 @@ def apply_lowrank(
             else:
                 selected.append((cand, rank, row))
     selected = latency_guard(selected, config)
+    clock = _tick(state, "plan", clock)  # candidates, MACs, calibration, rank choice
 
     rewrites = _factorize_all(selected, ctx, config, state, progress)
+    clock = _tick(state, "factorize", clock)
     for row, cand in active:
         row.note = _join_notes(row.note, cand.note)
     if rewrites:
         _splice(model, rewrites)
         _remove_orphans(model, [cand for cand, _, _ in selected])
+    _tick(state, "rewrite", clock)
     return rows
+
+
+def _tick(state: PassState, stage: str, since: float) -> float:
+    now = time.perf_counter()
+    state.seconds[stage] = state.seconds.get(stage, 0.0) + (now - since)
+    return now
 
 
 def _join_notes(a: str | None, b: str | None) -> str | None:
@@ -248,6 +258,7 @@ def _factorize_all(
             state.factors[job.candidate.share_key] = result.full
     computed = {key: (r.factors, r.rel_error, r.whitened_error, r.optimal_error, {}) for key, r in zip(unique, results)}
 
+    del results, jobs_list  # the factors live on in ``computed`` and then in the rewrites only
     rewrites: dict[int, Rewrite] = {}
     for cand, rank, row in selected:
         factors, rel_error, whitened_error, optimal_error, names = computed[(cand.share_key, rank)]
@@ -317,23 +328,26 @@ def run_job(job: FactorJob) -> JobResult:
 
 
 def _splice(model: onnx.ModelProto, rewrites: dict[int, Rewrite]) -> None:
+    """Put each rewrite's nodes in place of its node; write its factors into the model one at a
+    time, dropping each array once written (memory: the model plus the factors once)."""
     graph = model.graph
     nodes: list[onnx.NodeProto] = []
-    initializers: list[onnx.TensorProto] = []
+    added: list[onnx.TensorProto] = []
     for node in graph.node:
         rewrite = rewrites.get(id(node))
         if rewrite is None:
             nodes.append(node)
-        else:
-            nodes.extend(rewrite.nodes)
-            initializers.extend(rewrite.initializers)
+            continue
+        nodes.extend(rewrite.nodes)
+        while rewrite.initializers:
+            name, array = rewrite.initializers.pop(0)
+            graph.initializer.append(numpy_helper.from_array(array, name))
+            added.append(graph.initializer[-1])
+            del array
     del graph.node[:]
     graph.node.extend(nodes)
-    graph.initializer.extend(initializers)
     if model.ir_version < 4:  # IR < 4 requires every initializer to be a graph input as well
-        graph.input.extend(
-            helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in initializers
-        )
+        graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in added)
 
 
 def _remove_orphans(model: onnx.ModelProto, candidates: list[Candidate]) -> None:

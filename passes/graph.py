@@ -105,10 +105,10 @@ class ConstantWeight:
 
 @dataclass
 class Rewrite:
-    """Nodes that replace one node, and the initializers they need."""
+    """Nodes that replace one node, and the initializers they need as ``(name, array)``."""
 
     nodes: list[onnx.NodeProto]
-    initializers: list[onnx.TensorProto] = field(default_factory=list)
+    initializers: list[tuple[str, np.ndarray]] = field(default_factory=list)
 
 
 class GraphContext:
@@ -187,7 +187,10 @@ class GraphContext:
                 header.CopyFrom(t)  # external tensors hold no data: the copy is tiny
                 loader = functools.partial(_read_external, header, self.base_dir)
                 return ConstantWeight(name, name, loader, t.data_type, shape=tuple(t.dims))
-            return ConstantWeight(name, name, numpy_helper.to_array(t), t.data_type)
+            # Converted when needed, not now: a candidate holds its matrix only while it is being
+            # factorized, so memory holds the model once plus the weights in flight.
+            loader = functools.partial(numpy_helper.to_array, t)
+            return ConstantWeight(name, name, loader, t.data_type, shape=tuple(t.dims))
         node = self.producers.get(name)
         if node is None:
             return None
@@ -443,18 +446,19 @@ class Candidate:
 
     def factor_initializers(
         self, ctx: GraphContext, arrays: dict[str, np.ndarray], names: dict[str, str]
-    ) -> list[onnx.TensorProto]:
-        """Initializers ``<weight>/lowrank_<role>`` for the roles not yet in ``names`` (shared)."""
+    ) -> list[tuple[str, np.ndarray]]:
+        """Initializers ``<weight>/lowrank_<role>`` for the roles not yet in ``names`` (shared),
+        as ``(name, array)``: the driver writes them into the model one at a time."""
         out = []
         for role, array in arrays.items():
             if role not in names:
                 names[role] = ctx.unique(f"{self.weight.source}/lowrank_{role}")
-                out.append(numpy_helper.from_array(self.store(array), names[role]))
+                out.append((names[role], self.store(array)))
         return out
 
     def store(self, array: np.ndarray) -> np.ndarray:
         """Cast a factor to the weight's storage dtype (float16/bfloat16 weights stay half)."""
-        return np.ascontiguousarray(array.astype(helper.tensor_dtype_to_np_dtype(self.weight.elem_type)))
+        return np.ascontiguousarray(array.astype(helper.tensor_dtype_to_np_dtype(self.weight.elem_type), copy=False))
 
 
 def _is_external(tensor: onnx.TensorProto) -> bool:

@@ -51,6 +51,8 @@ class PassState:
     whiteners: dict[Any, Any] = field(default_factory=dict)
     #: Directory of a model whose external data was not loaded (read weight by weight).
     base_dir: str | None = None
+    #: Time per stage of the pass (plan, factorize, rewrite), summed over runs.
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 Selected = list[tuple[Candidate, int, LayerResult]]
