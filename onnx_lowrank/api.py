@@ -125,8 +125,10 @@ def optimize(
     valid = _inputs(validation, model, "validation") if validation is not None else None
     if config.max_error is not None and calib is None:
         raise ConfigError("--max-error needs --calibration DATA.npz: the error is measured on held-out samples")
-    if valid is None and config.max_error is not None:
-        calib, valid = split_samples(calib, config.holdout)  # type: ignore[arg-type]
+    if valid is None and calib is not None and (config.max_error is not None or config.allocation == "measured"):
+        # Errors are measured on samples the whitening never saw: in-sample, a layer with fewer
+        # calibration rows than features looks free (its whitened error is ~0 on those rows).
+        calib, valid = split_samples(calib, config.holdout)
     if calib is not None:
         details["calibration"] = {"samples": sample_count(calib), "whiten": _whiten_mode(config)}
     if valid is not None:
@@ -142,7 +144,8 @@ def optimize(
             raise ConfigError("--allocation measured needs --calibration DATA.npz: losses are measured on it")
         from .sensitivity import measure_sensitivity
 
-        table = measure_sensitivity(model, config, calib, state, input_shapes=shapes, progress=progress)
+        table = measure_sensitivity(model, config, calib, state, evaluation=valid, input_shapes=shapes,
+                                    progress=progress)
         details["sensitivity"] = table.to_dict()
         seconds["sensitivity"] = time.perf_counter() - start
     if config.max_error is not None:
@@ -251,11 +254,13 @@ def _search_budget(
             hi, best = mid, (trial, rows, error)
         else:
             lo = mid
+    compressed = best is not None
     if best is None:  # nothing below the limit except keeping every layer dense
         best = evaluate(1.0)
+        logger.warning("no budget below 1 keeps the held-out error under %g: every layer is kept dense", limit)
     trial, rows, error = best
     search = {"max_error": limit, "target_params": hi, "error": error, "steps": steps,
-              "reached": error <= limit}
+              "reached": error <= limit, "compressed": compressed}
     return trial, rows, search
 
 

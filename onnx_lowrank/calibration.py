@@ -13,6 +13,7 @@ import logging
 import os
 import tempfile
 import time
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,6 +103,8 @@ def collect_grams(
         names = [o.name for o in session.get_outputs()]
         index = {name: names.index(name) for name in exposed}
         bar = tqdm(range(n), desc="calibrating", unit="sample", disable=not progress, leave=False)
+        pending: dict[Any, list[np.ndarray]] = defaultdict(list)
+        waiting: dict[Any, int] = defaultdict(int)
         for i in bar:
             feed = {k: v[i] for k, v in inputs.items()}
             try:
@@ -112,17 +115,39 @@ def collect_grams(
                 act_name = key[0]
                 act = feed[act_name] if act_name in graph_inputs else outs[index[act_name]]
                 rows = np.asarray(req.features(np.asarray(act)), dtype=np.float64)
-                if key not in stats.grams:
-                    stats.grams[key] = np.zeros((rows.shape[1], rows.shape[1]))
-                    stats.rows[key] = 0
-                stats.grams[key] += rows.T @ rows
-                stats.rows[key] += rows.shape[0]
+                pending[key].append(rows)
+                waiting[key] += rows.shape[0]
+                if waiting[key] >= _ROWS_PER_UPDATE:
+                    _accumulate(stats, key, pending, waiting)
+        for key in list(pending):
+            _accumulate(stats, key, pending, waiting)
         bar.close()
         del session
     stats.samples = n
     stats.seconds = time.perf_counter() - start
     logger.info("calibration: %d samples, %d Gram matrices in %.2fs", n, len(stats.grams), stats.seconds)
     return stats
+
+
+#: Feature rows gathered per layer input before one ``G += F^T F`` update. A per-sample update
+#: of a K x K Gram matrix is memory bound when a sample gives few rows (one per image for a
+#: classifier, a sentence's tokens for a transformer; profiled on MiniLM: 8.6 s in the updates
+#: against 0.8 s in onnxruntime for 20 sentences); batching makes them one GEMM per this many
+#: rows, at a cost of this many rows x K floats per layer input.
+_ROWS_PER_UPDATE = 2048
+
+
+def _accumulate(stats: CalibrationStats, key: Any, pending: dict, waiting: dict) -> None:
+    if not pending[key]:
+        return
+    rows = np.concatenate(pending[key], axis=0) if len(pending[key]) > 1 else pending[key][0]
+    pending[key] = []
+    waiting[key] = 0
+    if key not in stats.grams:
+        stats.grams[key] = np.zeros((rows.shape[1], rows.shape[1]))
+        stats.rows[key] = 0
+    stats.grams[key] += rows.T @ rows
+    stats.rows[key] += rows.shape[0]
 
 
 def _session_with_outputs(

@@ -173,6 +173,15 @@ class Report:
                 f"file size {format_bytes(self.size_before)} -> {format_bytes(self.size_after)} "
                 f"({_fmt_ratio(t['size_ratio'])})"
             )
+        search = self.details.get("search")
+        if search:
+            verdict = "within" if search["reached"] else "ABOVE"
+            lines.append(
+                f"budget search: --target-params {search['target_params']:.4f}, held-out error "
+                f"{search['error']:.4g} ({verdict} --max-error {search['max_error']:g})"
+            )
+            if not search.get("compressed", True):
+                lines.append("  no compressed model met the limit: every layer was kept dense")
         if self.seconds:
             parts = ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items())
             lines.append(f"time: {parts}")

@@ -73,6 +73,7 @@ def measure_sensitivity(
     calibration: Mapping[str, np.ndarray],
     state: PassState,
     *,
+    evaluation: Mapping[str, np.ndarray] | None = None,
     input_shapes: Mapping[str, Any] | None = None,
     progress: bool = False,
 ) -> SensitivityTable:
@@ -85,7 +86,11 @@ def measure_sensitivity(
     config : LowRankConfig
         Targets and method; ``target_flops`` makes costs MACs instead of parameters.
     calibration : mapping
-        Calibration samples; the first :data:`MAX_EVAL_SAMPLES` measure the loss.
+        Calibration samples (the whitening).
+    evaluation : mapping, optional
+        Held-out samples; the first :data:`MAX_EVAL_SAMPLES` measure the loss. Without them the
+        calibration samples are used, which flatters layers with fewer calibration rows than
+        features.
     state : PassState
         Shared with the final run: Gram matrices, whiteners and factorizations are computed once.
 
@@ -103,8 +108,9 @@ def measure_sensitivity(
     groups: dict[Any, list] = defaultdict(list)
     for row, cand in found:
         groups[cand.share_key].append((row, cand))
-    n = harness.num_samples(calibration)
-    evaluation = {k: v[: min(n, MAX_EVAL_SAMPLES)] for k, v in calibration.items()}
+    source = evaluation if evaluation is not None else calibration
+    n = harness.num_samples(source)
+    evaluation = {k: v[: min(n, MAX_EVAL_SAMPLES)] for k, v in source.items()}
     reference = harness.run_samples(harness.create_session(model), evaluation)
     if flops and state.macs is None:
         state.macs, state.shapes = estimate_macs(model, input_shapes)
