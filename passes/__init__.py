@@ -34,7 +34,7 @@ from onnx_lowrank.report import LayerResult
 from .gemm import match_gemm
 from .graph import QUANTIZED_OPS, Candidate, GraphContext, Rewrite, subgraph_nodes, unique_labels
 from .matmul import match_matmul
-from .planning import PassState, attach_whiteners, choose_ranks, estimate_macs, latency_guard
+from .planning import PassState, attach_whiteners, choose_ranks, estimate_macs, join_notes, latency_guard
 
 __all__ = ["apply_lowrank", "find_candidates", "run_job", "FactorJob", "JobResult", "PassState", "MATCHERS", "FAMILIES"]
 
@@ -123,7 +123,7 @@ def apply_lowrank(
     rewrites = _factorize_all(selected, ctx, config, state, progress)
     clock = _tick(state, "factorize", clock)
     for row, cand in active:
-        row.note = _join_notes(row.note, cand.note)
+        row.note = join_notes(row.note, cand.note)
     if rewrites:
         _splice(model, rewrites)
         _remove_orphans(model, [cand for cand, _, _ in selected])
@@ -135,11 +135,6 @@ def _tick(state: PassState, stage: str, since: float) -> float:
     now = time.perf_counter()
     state.seconds[stage] = state.seconds.get(stage, 0.0) + (now - since)
     return now
-
-
-def _join_notes(a: str | None, b: str | None) -> str | None:
-    parts = [p for p in (a, b) if p]
-    return "; ".join(dict.fromkeys(parts)) or None
 
 
 def find_candidates(

@@ -75,7 +75,7 @@ def attach_whiteners(
     supported = [(row, cand) for row, cand in active if cand.activation is not None]
     for row, cand in active:
         if cand.activation is None:
-            cand.note = _join(cand.note, "no calibration whitening for this layer type: factorized data-free")
+            cand.note = join_notes(cand.note, "no calibration whitening for this layer type: factorized data-free")
     if not supported:
         return
     have = state.stats.grams if state.stats is not None else {}
@@ -103,7 +103,7 @@ def attach_whiteners(
         for cand in members:
             cand.set_whitener(whitener)
             if whitener.fallback:
-                cand.note = _join(cand.note, f"not whitened: {whitener.fallback}")
+                cand.note = join_notes(cand.note, f"not whitened: {whitener.fallback}")
 
 
 def estimate_macs(
@@ -179,7 +179,7 @@ def choose_ranks(
             default_multiple_of=cand.default_multiple_of,
         )
         row.break_even_rank = choice.break_even
-        row.note = _join(row.note, choice.note)
+        row.note = join_notes(row.note, choice.note)
         if choice.rank is None:
             row.reason = choice.reason
         else:
@@ -206,7 +206,7 @@ def _global_ranks(
             rows = float(sum(known)) if len(known) == len(members) else float(len(members))
             if len(known) != len(members):
                 for row, _ in members:
-                    row.note = _join(row.note, "MACs unknown (shapes unresolved): budgeted by parameters")
+                    row.note = join_notes(row.note, "MACs unknown (shapes unresolved): budgeted by parameters")
         else:
             rows = 1.0  # a shared weight is stored once
         dense = cand.params_before * rows
@@ -262,11 +262,12 @@ def latency_guard(selected: Selected, config: LowRankConfig) -> Selected:
             row.reason = (f"slower in onnxruntime: {how} time ratio {ratio:.2f} at rank {rank} "
                           f"({rows} rows per inference)")
             continue
-        row.note = _join(row.note, f"{how} time ratio {ratio:.2f}")
+        row.note = join_notes(row.note, f"{how} time ratio {ratio:.2f}")
         kept.append((cand, rank, row))
     return kept
 
 
-def _join(a: str | None, b: str | None) -> str | None:
+def join_notes(a: str | None, b: str | None) -> str | None:
+    """Two optional report notes as one (``None`` when both are empty; repeats dropped)."""
     parts = [p for p in (a, b) if p]
-    return "; ".join(parts) or None
+    return "; ".join(dict.fromkeys(parts)) or None
