@@ -19,7 +19,7 @@ from onnx_lowrank.passes import PassState, apply_lowrank
 from .calibration import sample_count, split_samples
 from .config import ConfigError, LowRankConfig
 from .flops import count_params, load_model_skeleton
-from .model_io import EXTERNAL_DATA_THRESHOLD, ModelError, external_data_bytes, load_model, model_file_size
+from .model_io import ModelError, external_data_bytes, load_model, model_file_size
 from .report import Report
 
 __all__ = ["optimize", "default_model_path"]
@@ -64,7 +64,7 @@ def optimize(
     progress : bool
         Progress bars on stderr (calibration, factorization, search).
     check : bool
-        Run ``onnx.checker`` on the result (skipped above the 2 GiB protobuf limit).
+        Run ``onnx.checker`` on the result's graph (a data-free copy, so any size is cheap).
     lazy : bool, optional
         For a path with external data: keep the weights on disk and read each one when its
         turn comes, so memory holds about one weight at a time plus the factors. ``None``
@@ -165,7 +165,7 @@ def optimize(
     seconds["optimize"] = time.perf_counter() - start
     seconds.update(state.seconds)  # its split: plan (incl. calibration), factorize, rewrite
 
-    if check and _payload_bytes(model) < EXTERNAL_DATA_THRESHOLD:
+    if check:
         start = time.perf_counter()
         try:
             # The graph is checked on a data-free copy: checking the model itself would serialize
@@ -262,10 +262,6 @@ def _search_budget(
     search = {"max_error": limit, "target_params": hi, "error": error, "steps": steps,
               "reached": error <= limit, "compressed": compressed}
     return trial, rows, search
-
-
-def _payload_bytes(model: onnx.ModelProto) -> int:
-    return sum(len(t.raw_data) for t in model.graph.initializer)
 
 
 def default_model_path() -> Path:

@@ -33,6 +33,7 @@ __all__ = [
     "FlopReport",
     "NodeFlops",
     "count_flops",
+    "tensor_shapes",
     "count_params",
     "load_model_skeleton",
 ]
@@ -334,9 +335,36 @@ def _count_subgraph_nodes(graph: onnx.GraphProto, inside: bool) -> int:
     return total
 
 
+def tensor_shapes(
+    model: ModelLike, input_shapes: Mapping[str, Sequence[int]] | None = None
+) -> dict[str, list[int | None]]:
+    """Shape of every tensor (``None`` for unknown dimensions) from ONNX shape inference.
+
+    Runs on :func:`load_model_skeleton` (no weight is read or serialized) with the graph inputs
+    pinned to ``input_shapes``. Inference is best effort: on failure the declared shapes are used.
+    """
+    skeleton = load_model_skeleton(model)
+    if input_shapes:
+        _set_input_shapes(skeleton, input_shapes)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
+    except Exception as exc:  # noqa: BLE001 - inference is best effort; report what we can
+        logger.warning("ONNX shape inference failed (%s); counting from declared shapes only", exc)
+        inferred = skeleton
+    g = inferred.graph
+    out: dict[str, list[int | None]] = {}
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        shape = _shape_of(vi)
+        if shape is not None:
+            out[vi.name] = shape
+    return out
+
+
 def count_flops(
     model: ModelLike,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
+    *,
+    known_shapes: Mapping[str, list[int | None]] | None = None,
 ) -> FlopReport:
     """Count parameters and MACs/FLOPs of ``MatMul``/``Gemm``/``Conv``/``ConvTranspose`` nodes.
 
@@ -348,6 +376,9 @@ def count_flops(
         Concrete shape of each graph input, e.g. ``{"input_ids": (1, 128)}``. Inputs not listed
         keep the shape declared in the model; a node whose shapes then depend on a symbolic
         dimension is reported unresolved.
+    known_shapes : mapping, optional
+        Tensor shapes already computed by :func:`tensor_shapes` (then ``input_shapes`` is
+        ignored), so that callers needing both shapes and counts infer once.
 
     Returns
     -------
@@ -362,21 +393,9 @@ def count_flops(
     not counted and are reported in ``skipped_subgraph_nodes``.
     """
     src = _load(model, with_data=False)
-    skeleton = load_model_skeleton(src)
-    if input_shapes:
-        _set_input_shapes(skeleton, input_shapes)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
-    except Exception as exc:  # noqa: BLE001 - inference is best effort; report what we can
-        logger.warning("ONNX shape inference failed (%s); counting from declared shapes only", exc)
-        inferred = skeleton
-
-    shapes: dict[str, list[int | None] | None] = {}
-    g = inferred.graph
-    for vi in list(g.input) + list(g.value_info) + list(g.output):
-        shape = _shape_of(vi)
-        if shape is not None:
-            shapes[vi.name] = shape
+    shapes: dict[str, list[int | None] | None] = dict(
+        tensor_shapes(src, input_shapes) if known_shapes is None else known_shapes
+    )
     constants = _constant_shapes(src.graph)
     for name, dims in constants.items():
         shapes[name] = list(dims)

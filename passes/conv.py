@@ -89,9 +89,6 @@ __all__ = [
 #: onnxruntime pads conv channels to 16 on AVX-512 (see DESIGN.md): such ranks are free.
 CONV_MULTIPLE_OF = 16
 
-# Largest small side whose spectrum is computed exactly (linalg.singular_values' exact_limit).
-_GRAM_LIMIT = 2048
-
 DEPTHWISE_REASON = "depthwise conv (one input channel per group): factorization cannot reduce parameters"
 
 
@@ -372,7 +369,7 @@ class _TwoFactorCandidate(ConvCandidate):
         if self._spectrum is None or len(self._spectrum[0]) < want:
             energy = np.zeros(want)
             for block in self.blocks:
-                s2 = _squared_singular_values(block, want)
+                s2 = linalg.squared_singular_values(block, want)
                 energy[: len(s2)] += s2
             total = float(np.sum(np.square(self.matrix, dtype=np.float64)))
             self._spectrum = (np.sqrt(energy), total)
@@ -583,7 +580,7 @@ class Tucker2Candidate(ConvCandidate):
             for mode in (0, 1):
                 energy = np.zeros(want)
                 for j in range(self.groups):
-                    s2 = _squared_singular_values(self._unfoldings(j)[mode], want)
+                    s2 = linalg.squared_singular_values(self._unfoldings(j)[mode], want)
                     energy[: len(s2)] += s2
                 kept.append(np.cumsum(energy))
             total = float(np.sum(np.square(self.matrix, dtype=np.float64)))
@@ -712,25 +709,6 @@ def _scheme_for(requested: str, geometry: ConvGeometry) -> tuple[str, str | None
         return "weight-svd", (f"tucker2 of a {shown} kernel is a plain channel mix (three nodes where two "
                               "suffice): used weight-svd")
     return requested, None
-
-
-def _squared_singular_values(matrix: np.ndarray, k: int) -> np.ndarray:
-    """The leading ``min(k, min(matrix.shape))`` squared singular values, descending, float64.
-
-    Rank policies and error bounds only use squared singular values (energies), so up to
-    ``_GRAM_LIMIT`` columns on the small side they are taken as the eigenvalues of the float64
-    Gram matrix: exact to ~1e-16 of ``||W||_2^2`` in absolute terms, and about 20x faster than
-    LAPACK's SVD of a tall conv matrix (4608 x 512: 0.2 s instead of 4 s). Beyond, the
-    randomized estimate of :func:`onnx_lowrank.linalg.singular_values`.
-    """
-    small = min(matrix.shape)
-    k = min(k, small)
-    if small > _GRAM_LIMIT:
-        return np.square(linalg.singular_values(matrix, k=k))
-    m64 = matrix.astype(np.float64)
-    gram = m64.T @ m64 if matrix.shape[0] >= matrix.shape[1] else m64 @ m64.T
-    lam = np.linalg.eigvalsh(gram)[::-1][:k]
-    return np.clip(lam, 0.0, None)
 
 
 def _known(shape: Sequence[Any] | None, ndim: int) -> bool:

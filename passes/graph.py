@@ -384,7 +384,7 @@ class Candidate:
             matrix = self.matrix
             target = matrix if self.whitener is None else self.whitener.apply(matrix, self.side)
             total = float(np.sum(np.square(target, dtype=np.float64)))
-            sigma = linalg.singular_values(target, k=min(max(k, 1), self.max_rank))
+            sigma = np.sqrt(linalg.squared_singular_values(target, min(max(k, 1), self.max_rank)))
             self._spectrum = (np.asarray(sigma, dtype=np.float64), total)
         return self._spectrum
 

@@ -20,7 +20,7 @@ import onnx
 from onnx_lowrank.allocation import AllocationLayer, allocate
 from onnx_lowrank.calibration import CalibrationStats, collect_grams
 from onnx_lowrank.config import LowRankConfig
-from onnx_lowrank.flops import count_flops, load_model_skeleton
+from onnx_lowrank.flops import count_flops, tensor_shapes
 from onnx_lowrank.latency import measured_ratio, predicted_ratio
 from onnx_lowrank.ranks import break_even_rank, select_rank
 from onnx_lowrank.report import LayerResult
@@ -114,15 +114,14 @@ def estimate_macs(
     Symbolic dimensions the caller does not fix are taken as 1, which is what a batch-1
     deployment runs; nodes whose shapes stay unknown are absent.
     """
-    shapes = _concrete_input_shapes(model, input_shapes)
     labels = unique_labels(model.graph)
-    try:
-        report = count_flops(model, shapes)
-        macs = {labels[n.index]: int(n.macs) for n in report.nodes if n.macs is not None}
+    try:  # one shape inference serves the MAC counts and the convs' intermediate shapes
+        shapes = tensor_shapes(model, _concrete_input_shapes(model, input_shapes))
+        report = count_flops(model, known_shapes=shapes)
     except Exception as exc:  # shape inference is best effort: MACs are informative only
         logger.info("MAC estimate unavailable: %s", exc)
-        macs = {}
-    return macs, _tensor_shapes(model, shapes)
+        return {}, {}
+    return {labels[n.index]: int(n.macs) for n in report.nodes if n.macs is not None}, shapes
 
 
 def _concrete_input_shapes(
@@ -136,29 +135,6 @@ def _concrete_input_shapes(
         dims = inp.type.tensor_type.shape.dim
         shapes[inp.name] = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1 for d in dims]
     return shapes
-
-
-def _tensor_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) -> dict[str, list[int | None]]:
-    """Inferred shape of every tensor, on a weight-free copy with the inputs pinned."""
-    try:
-        skeleton = load_model_skeleton(model)
-        for inp in skeleton.graph.input:
-            if inp.name in input_shapes and inp.type.HasField("tensor_type"):
-                dims = inp.type.tensor_type.shape.dim
-                if len(dims) == len(input_shapes[inp.name]):
-                    for d, v in zip(dims, input_shapes[inp.name]):
-                        d.Clear()
-                        d.dim_value = int(v)
-        inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
-    except Exception as exc:  # best effort, as above
-        logger.info("shape inference unavailable: %s", exc)
-        return {}
-    g = inferred.graph
-    return {
-        v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
-        for v in list(g.input) + list(g.value_info) + list(g.output)
-        if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")
-    }
 
 
 def choose_ranks(
