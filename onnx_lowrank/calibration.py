@@ -25,6 +25,7 @@ import onnxruntime as ort
 from onnx import helper
 from tqdm.auto import tqdm
 
+from .harness import HarnessError, create_session
 from .model_io import ModelError
 
 __all__ = ["CalibrationStats", "collect_grams", "split_samples", "sample_count"]
@@ -160,11 +161,6 @@ def _session_with_outputs(
     for name in names:
         if name not in present:
             augmented.graph.output.append(helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.FLOAT), None))
-    opts = ort.SessionOptions()
-    # Exposing intermediate outputs is enough to keep them; full optimization is still safe and
-    # keeps calibration fast.
-    opts.intra_op_num_threads = min(2, os.cpu_count() or 1)
-    opts.log_severity_level = 3
     path = tmp / "calibration.onnx"
     external = {e.value for t in onnx.external_data_helper._get_all_tensors(augmented)
                 for e in t.external_data if e.key == "location"}
@@ -179,9 +175,10 @@ def _session_with_outputs(
                     all_tensors_to_one_file=True, location="calibration.onnx.data")
     del augmented
     try:
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise ModelError(f"onnxruntime cannot load the model for calibration: {str(exc).splitlines()[0]}") from None
+        # Exposed intermediate outputs survive graph optimization, so "all" is safe and fast.
+        return create_session(str(path), threads=min(2, os.cpu_count() or 1), record_assignment=False)
+    except HarnessError as exc:
+        raise ModelError(f"calibration: {exc}") from None
 
 
 def _large(model: onnx.ModelProto) -> bool:

@@ -23,6 +23,8 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from .harness import create_session
+
 __all__ = ["predicted_ratio", "measured_ratio", "CALL_OVERHEAD_S", "MACS_PER_S", "CONV_EXTRA"]
 
 logger = logging.getLogger(__name__)
@@ -114,9 +116,5 @@ def _session(weights: dict[str, np.ndarray], matmuls: list[tuple[str, str, str]]
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return create_session(model, threads=1, record_assignment=False)
 

@@ -9,7 +9,6 @@ whose factored form costs something else (Tucker-2 convs, grouped convs) pass th
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 

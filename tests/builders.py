@@ -59,3 +59,26 @@ def assert_clean(model: onnx.ModelProto) -> None:
     used |= {o.name for o in model.graph.output}
     orphans = [t.name for t in model.graph.initializer if t.name not in used]
     assert not orphans, f"orphan initializers: {orphans}"
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """``onnx-lowrank ARGV`` in-process: (exit code, stdout, stderr); argparse exits count too."""
+    from onnx_lowrank.cli import main
+
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse's own usage errors
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def save_small_matmul(path: Path, seed: int = 0) -> Path:
+    """A one-MatMul model (64 -> 48, symbolic batch) saved at ``path``."""
+    rng = np.random.default_rng(seed)
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+                       [vi("x", ["batch", 64])], [vi("y", ["batch", 48])],
+                       [init("w", rng.standard_normal((64, 48)).astype(np.float32))])
+    onnx.save(model, path)
+    return path
+

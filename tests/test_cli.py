@@ -13,8 +13,7 @@ import onnx
 import pytest
 from onnx import helper
 
-from builders import DATA, init, make_model, rel_err, run, vi
-from onnx_lowrank.cli import main
+from builders import DATA, init, make_model, rel_err, run, run_cli, save_small_matmul, vi
 
 DIGITS = DATA / "digits_mlp.onnx"
 
@@ -23,26 +22,14 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 @pytest.fixture
 def small_model(tmp_path: Path) -> Path:
-    rng = np.random.default_rng(0)
-    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
-                       [vi("x", ["batch", 64])], [vi("y", ["batch", 48])],
-                       [init("w", rng.standard_normal((64, 48)).astype(np.float32))])
-    path = tmp_path / "in.onnx"
-    onnx.save(model, path)
-    return path
+    return save_small_matmul(tmp_path / "in.onnx", seed=0)
 
 
 def test_optimize_writes_model_table_and_report(tmp_path, small_model, capsys):
     out, rep = tmp_path / "out.onnx", tmp_path / "r.json"
-    code, stdout, stderr = _cli(capsys, "optimize", small_model, out, "--ratio", "0.5", "--report", rep)
+    code, stdout, stderr = run_cli(capsys, "optimize", small_model, out, "--ratio", "0.5", "--report", rep)
     assert code == 0, stderr
     assert "mm" in stdout and "factorized 1 of 1" in stdout and "file size" in stdout
     data = json.loads(rep.read_text())
@@ -54,20 +41,20 @@ def test_optimize_writes_model_table_and_report(tmp_path, small_model, capsys):
 
 
 def test_json_flag_prints_report(tmp_path, small_model, capsys):
-    code, stdout, _ = _cli(capsys, "optimize", small_model, tmp_path / "o.onnx", "--rank", "4", "--json")
+    code, stdout, _ = run_cli(capsys, "optimize", small_model, tmp_path / "o.onnx", "--rank", "4", "--json")
     assert code == 0
     assert json.loads(stdout)["layers"][0]["rank"] == 4
 
 
 def test_full_rank_force_equals_reference(tmp_path, small_model, capsys):
     out = tmp_path / "out.onnx"
-    assert _cli(capsys, "optimize", small_model, out, "--rank", "100000", "--force")[0] == 0
+    assert run_cli(capsys, "optimize", small_model, out, "--rank", "100000", "--force")[0] == 0
     x = np.random.default_rng(1).standard_normal((3, 64)).astype(np.float32)
     assert rel_err(run(onnx.load(out), {"x": x})[0], run(onnx.load(small_model), {"x": x})[0]) < 1e-5
 
 
 def test_unprofitable_layer_is_reported_and_kept(tmp_path, small_model, capsys):
-    code, stdout, _ = _cli(capsys, "optimize", small_model, tmp_path / "o.onnx", "--rank", "40", "--json")
+    code, stdout, _ = run_cli(capsys, "optimize", small_model, tmp_path / "o.onnx", "--rank", "40", "--json")
     row = json.loads(stdout)["layers"][0]
     assert code == 0 and row["status"] == "skipped"
     assert row["reason"].startswith("unprofitable: rank 40 >= break-even 28")
@@ -90,19 +77,12 @@ BAD_OPTIONS = [
 def test_bad_options_exit_2_with_one_line(tmp_path, small_model, capsys, extra, message):
     before = _sha(small_model)
     out = tmp_path / "out.onnx"
-    code, stdout, stderr = _cli_catching(capsys, "optimize", small_model, out, *extra)
+    code, stdout, stderr = run_cli(capsys, "optimize", small_model, out, *extra)
     assert code == 2
     assert message in stderr and len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
     assert not out.exists() and _sha(small_model) == before
 
 
-def _cli_catching(capsys, *argv):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:  # argparse's own errors
-        code = exc.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_bad_inputs_exit_1_with_one_line(tmp_path, small_model, capsys):
@@ -121,7 +101,7 @@ def test_bad_inputs_exit_1_with_one_line(tmp_path, small_model, capsys):
         tmp_path: "is a directory",
     }
     for path, message in cases.items():
-        code, _, stderr = _cli(capsys, "optimize", path, out)
+        code, _, stderr = run_cli(capsys, "optimize", path, out)
         assert code == 1, (path, stderr)
         assert message in stderr and len(stderr.strip().splitlines()) == 1, stderr
         assert not out.exists()
@@ -129,15 +109,15 @@ def test_bad_inputs_exit_1_with_one_line(tmp_path, small_model, capsys):
 
 def test_output_equal_to_input_is_refused(small_model, capsys):
     before = _sha(small_model)
-    code, _, stderr = _cli(capsys, "optimize", small_model, small_model)
+    code, _, stderr = run_cli(capsys, "optimize", small_model, small_model)
     assert code == 2 and "is the input model" in stderr
     same = small_model.parent / ".." / small_model.parent.name / small_model.name
-    code, _, stderr = _cli(capsys, "optimize", small_model, same)
+    code, _, stderr = run_cli(capsys, "optimize", small_model, same)
     assert code == 2 and _sha(small_model) == before
 
 
 def test_output_directory_missing(tmp_path, small_model, capsys):
-    code, _, stderr = _cli(capsys, "optimize", small_model, tmp_path / "nope" / "out.onnx")
+    code, _, stderr = run_cli(capsys, "optimize", small_model, tmp_path / "nope" / "out.onnx")
     assert code == 1 and "does not exist; create it first" in stderr
 
 
@@ -149,7 +129,7 @@ def test_missing_external_data(tmp_path, capsys):
     path = tmp_path / "ext.onnx"
     onnx.save(model, path, save_as_external_data=True, location="ext.onnx.data", size_threshold=0)
     (tmp_path / "ext.onnx.data").unlink()
-    code, _, stderr = _cli(capsys, "optimize", path, tmp_path / "out.onnx")
+    code, _, stderr = run_cli(capsys, "optimize", path, tmp_path / "out.onnx")
     assert code == 1 and "external data file 'ext.onnx.data'" in stderr and "is missing" in stderr
     assert not (tmp_path / "out.onnx").exists()
 
@@ -164,12 +144,12 @@ def test_external_data_model_round_trip(tmp_path, capsys):
     path = tmp_path / "ext.onnx"
     onnx.save(model, path, save_as_external_data=True, location="ext.onnx.data", size_threshold=0)
     out = tmp_path / "out.onnx"
-    assert _cli(capsys, "optimize", path, out, "--rank", "100000", "--force")[0] == 0
+    assert run_cli(capsys, "optimize", path, out, "--rank", "100000", "--force")[0] == 0
     assert rel_err(run(onnx.load(out), {"x": x})[0], expected) < 1e-5
 
 
 def test_digits_demo_prints_accuracy(capsys, tmp_path):
-    code, stdout, stderr = _cli(capsys, "demo", "--energy", "0.95", "--output", tmp_path / "d.onnx")
+    code, stdout, stderr = run_cli(capsys, "demo", "--energy", "0.95", "--output", tmp_path / "d.onnx")
     assert code == 0, stderr
     assert "held-out accuracy on 540 digits images" in stdout
     acc = float(stdout.split("original ")[1].split()[0])

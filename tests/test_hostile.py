@@ -18,10 +18,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from builders import DATA, assert_clean, init, make_model, rel_err, run, vi
+from builders import DATA, assert_clean, init, make_model, rel_err, run, run_cli, save_small_matmul, vi
 from onnx_lowrank import LowRankConfig, optimize
 from onnx_lowrank import model_io
-from onnx_lowrank.cli import main
 from onnx_lowrank.model_io import ModelError, load_model, save_model
 
 FULL = LowRankConfig(rank=100000, force=True)
@@ -34,12 +33,6 @@ TMP_PREFIX = ".onnx-lowrank-"
 # ------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------
-
-
-def _cli(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def _one_line(err: str) -> str:
@@ -151,7 +144,7 @@ def test_nonfinite_weight_cli_reports_reason_and_writes_finite_factors(tmp_path,
     model, _ = _two_branch_model("MatMul", np.nan)
     src, dst = tmp_path / "in.onnx", tmp_path / "out.onnx"
     onnx.save(model, src)
-    code, out, err = _cli(capsys, "optimize", src, dst, "--rank", "2")
+    code, out, err = run_cli(capsys, "optimize", src, dst, "--rank", "2")
     assert code == 0, err
     assert "contains NaN or Inf" in out and "factorized 1 of 2" in out
     written = onnx.load(dst)
@@ -394,7 +387,7 @@ def test_quantize_dynamic_digits_model_is_left_alone(tmp_path, capsys):
         assert out.graph.SerializeToString() == original.graph.SerializeToString()
     # The CLI writes a model that still runs and gives the same logits.
     dst = tmp_path / "digits_int8.lowrank.onnx"
-    code, stdout, err = _cli(capsys, "optimize", quantized, dst, "--ratio", "0.5")
+    code, stdout, err = run_cli(capsys, "optimize", quantized, dst, "--ratio", "0.5")
     assert code == 0, err
     assert "factorized 0 of 3" in stdout and stdout.count(QUANT_REASON) == 3
     pixels = np.load(DATA / "digits_heldout.npz")["pixels"][:16]
@@ -511,12 +504,12 @@ def test_empty_graphs_and_graphs_without_candidates(kind, tmp_path, capsys):
         assert out.SerializeToString() == model.SerializeToString()
     src, dst = tmp_path / "in.onnx", tmp_path / "out.onnx"
     onnx.save(model, src)
-    code, stdout, err = _cli(capsys, "optimize", src, dst)
+    code, stdout, err = run_cli(capsys, "optimize", src, dst)
     assert code == 0, err
     assert "factorized 0 of 0" in stdout
     assert onnx.load(dst).graph == model.graph
     if kind != "nothing-at-all":
-        code, stdout, err = _cli(capsys, "optimize", src, tmp_path / "checked.onnx", "--check", "--json")
+        code, stdout, err = run_cli(capsys, "optimize", src, tmp_path / "checked.onnx", "--check", "--json")
         assert code == 0, err
 
 
@@ -598,13 +591,7 @@ def test_names_already_taken_by_the_user_are_avoided():
 
 @pytest.fixture
 def small_model(tmp_path: Path) -> Path:
-    rng = np.random.default_rng(12)
-    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
-                       [vi("x", ["batch", 64])], [vi("y", ["batch", 48])],
-                       [init("w", rng.standard_normal((64, 48)).astype(np.float32))])
-    path = tmp_path / "in.onnx"
-    onnx.save(model, path)
-    return path
+    return save_small_matmul(tmp_path / "in.onnx", seed=12)
 
 
 def test_output_under_a_regular_file_exits_1_one_line_nothing_written(tmp_path, small_model, capsys):
@@ -612,7 +599,7 @@ def test_output_under_a_regular_file_exits_1_one_line_nothing_written(tmp_path, 
     blocker.write_text("not a directory")
     before = sorted(p.name for p in tmp_path.iterdir())
     for target in (blocker / "out.onnx", blocker / "sub" / "out.onnx"):
-        code, stdout, err = _cli(capsys, "optimize", small_model, target, "--rank", "4")
+        code, stdout, err = run_cli(capsys, "optimize", small_model, target, "--rank", "4")
         assert code == 1 and stdout == ""
         line = _one_line(err)
         assert line.startswith("onnx-lowrank optimize: error: output directory ") and str(target.parent) in line
@@ -623,7 +610,7 @@ def test_output_under_a_regular_file_exits_1_one_line_nothing_written(tmp_path, 
 def test_report_under_a_regular_file_is_refused_before_writing_the_model(tmp_path, small_model, capsys):
     blocker = tmp_path / "afile"
     blocker.write_text("x")
-    code, _, err = _cli(capsys, "optimize", small_model, tmp_path / "out.onnx", "--report", blocker / "r.json")
+    code, _, err = run_cli(capsys, "optimize", small_model, tmp_path / "out.onnx", "--report", blocker / "r.json")
     assert code == 1 and str(blocker) in _one_line(err)
     assert not (tmp_path / "out.onnx").exists()
 
@@ -634,7 +621,7 @@ def test_read_only_output_directory_exits_1_one_line(tmp_path, small_model, caps
     real_access = os.access
     monkeypatch.setattr(model_io.os, "access",
                         lambda p, mode, **kw: False if Path(p) == out_dir else real_access(p, mode, **kw))
-    code, stdout, err = _cli(capsys, "optimize", small_model, out_dir / "out.onnx")
+    code, stdout, err = run_cli(capsys, "optimize", small_model, out_dir / "out.onnx")
     assert code == 1 and stdout == ""
     assert _one_line(err) == (f"onnx-lowrank optimize: error: output directory {out_dir} is not writable; "
                               "choose another output path")
@@ -707,7 +694,7 @@ def test_cli_disk_full_or_interrupted_write(tmp_path, small_model, capsys, monke
     target = tmp_path / "out.onnx"
     target.write_bytes(b"previous bytes")
     monkeypatch.setattr(model_io, "open", lambda p, m="r", *a, **k: _FailingFile(p, m, exc), raising=False)
-    got, stdout, err = _cli(capsys, "optimize", small_model, target, "--rank", "4", "--report", tmp_path / "r.json")
+    got, stdout, err = run_cli(capsys, "optimize", small_model, target, "--rank", "4", "--report", tmp_path / "r.json")
     assert got == code and stdout == ""
     assert _one_line(err) == message.format(out=target)
     assert target.read_bytes() == b"previous bytes"
@@ -818,7 +805,7 @@ def test_second_run_factorizes_only_what_the_first_left_dense(tmp_path, capsys):
     # CLI, with --force: exit 0, the factor nodes are listed with the reason.
     src, dst = tmp_path / "once.onnx", tmp_path / "twice.onnx"
     onnx.save(once, src)
-    code, stdout, err = _cli(capsys, "optimize", src, dst, "--rank", "100000", "--force")
+    code, stdout, err = run_cli(capsys, "optimize", src, dst, "--rank", "100000", "--force")
     assert code == 0, err
     assert stdout.count(OWN) == 2 and "factorized 2 of 4" in stdout
 
