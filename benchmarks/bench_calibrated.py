@@ -33,7 +33,13 @@ One command regenerates ``benchmarks/results/calibrated.json``, ``docs/calibrate
 
     python benchmarks/bench_calibrated.py          # ~20 minutes on a 2-core machine
 
-``--from-json`` re-renders the doc and plots from the result file without measuring.
+``--from-json`` re-renders the doc and plots from the result file without measuring;
+``--checks-only`` reruns only the issue's check and merges it into the result file.
+
+The issue's check runs under two calibration protocols: ``disjoint`` (the calibration data
+above, evaluated on the disjoint evaluation data) and ``same-pool`` (calibration drawn from the
+evaluated inputs' pool: EfficientNet, a random 60/40 split of the crops of all 14 photos;
+MiniLM, news sentences of the held-out sentences' corpus).
 """
 
 from __future__ import annotations
@@ -188,6 +194,32 @@ def efficientnet_data() -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str
         "calibration_samples": int(len(images)),
         "evaluation_samples": int(len(eval_images)),
     }
+    return calib, inputs, desc
+
+
+#: Fraction of the pooled crops used for calibration in the same-pool check (the rest is held out).
+POOL_CALIBRATION_FRACTION = 0.6
+
+
+def efficientnet_pooled_data() -> tuple[dict[str, np.ndarray], dict[str, Any], str]:
+    """Same-pool protocol: the crops of *every* photo, split at random into calibration / held-out.
+
+    Calibration and held-out crops then come from the same photos (overlapping crops of one
+    scene), i.e. the same distribution: the setting of a user who calibrates on a sample of the
+    images the model will see. The photo-disjoint protocol (:func:`efficientnet_data`) is the
+    pessimistic one; this is the optimistic one.
+    """
+    from models import efficientnet
+
+    images, labels = model_data.photo_crops(efficientnet.IMAGE_SIZE, per_image=8,
+                                            sources=model_data.PHOTO_SOURCES)
+    order = np.random.default_rng(0).permutation(len(images))
+    k = int(round(len(images) * POOL_CALIBRATION_FRACTION))
+    calib = {efficientnet.INPUT_NAME: efficientnet.preprocess(images[order[:k]])}
+    inputs = {efficientnet.INPUT_NAME: efficientnet.preprocess(images[order[k:]]),
+              "labels": [labels[i] for i in order[k:]]}
+    desc = (f"{len(images)} crops (8 positions/scales) of all {len(images) // 8} registry photos, split at "
+            f"random: {k} for calibration, {len(images) - k} held out")
     return calib, inputs, desc
 
 
@@ -422,6 +454,30 @@ class Bench:
         logger.info("%s issue check: ratio %.3f passed %s", self.name, out["error_ratio"], out["passed"])
         return out
 
+    def protocol_checks(self, budget: float = 0.7) -> dict[str, Any]:
+        """The issue's check under the two calibration protocols (see :func:`bench_model`).
+
+        ``disjoint``: the study's own data (calibration photos / texts disjoint from the evaluated
+        ones). ``same-pool``: calibration drawn from the same pool as the evaluated inputs
+        (EfficientNet: random split of the crops of all photos; MiniLM: news sentences, the
+        held-out sentences' corpus, other sentences).
+        """
+        out = {"disjoint": {"data": self.data_desc["calibration"], **self.cli_check(budget)}}
+        saved = (self.calib, self.calib_path, self.inputs, self.reference)
+        try:
+            if self.name == "efficientnet_lite0":
+                self.calib, self.inputs, desc = efficientnet_pooled_data()
+                self.reference = self.spec.evaluate(self.original, self.inputs)
+            else:
+                self.calib, _, news_desc = minilm_data("news")
+                desc = news_desc["calibration"]
+            self.calib_path = self.workdir / "calib_pool.npz"
+            np.savez(self.calib_path, **self.calib)
+            out["same-pool"] = {"data": desc, **self.cli_check(budget)}
+        finally:
+            self.calib, self.calib_path, self.inputs, self.reference = saved
+        return out
+
     def max_error_search(self, limit: float, allocation: str = "energy") -> dict[str, Any]:
         config = LowRankConfig(max_error=limit, allocation=allocation)
         start = time.perf_counter()
@@ -532,7 +588,8 @@ def bench_model(name: str, workdir: Path, quick: bool) -> dict[str, Any]:
     if name == "efficientnet_lite0":
         out["generalization_probe"] = b.generalization_probe(PROBE_LAYERS)
     try:
-        out["issue_check"] = b.cli_check(0.7)
+        out["issue_checks"] = b.protocol_checks(0.7)
+        out["issue_check"] = out["issue_checks"]["disjoint"]
     except Exception as exc:  # keep the rest of the study
         logger.exception("issue check failed")
         out["issue_check_error"] = repr(exc)
@@ -554,6 +611,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one budget, one --max-error run (a smoke test)")
     parser.add_argument("--from-json", action="store_true", help="re-render docs from the result file")
     parser.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one)")
+    parser.add_argument("--checks-only", action="store_true",
+                        help="rerun only the issue's check (both calibration protocols) and merge it into the result file")
     parser.add_argument("--probe-only", action="store_true",
                         help="rerun only EfficientNet's generalization probe and merge it into the result file")
     args = parser.parse_args(argv)
@@ -569,6 +628,17 @@ def main(argv: list[str] | None = None) -> int:
             if m["name"] == "efficientnet_lite0":
                 m["generalization_probe"] = probe
                 m["seconds"] += time.perf_counter() - start
+        result["seconds"] += time.perf_counter() - start
+        RESULTS.write_text(json.dumps(result, indent=1) + "\n")
+    elif args.checks_only:
+        result = json.loads(RESULTS.read_text())
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="bench-calibrated-", dir=args.workdir) as tmp:
+            for m in result["models"]:
+                t0 = time.perf_counter()
+                checks = Bench(m["name"], Path(tmp)).protocol_checks(0.7)
+                m["issue_checks"], m["issue_check"] = checks, checks["disjoint"]
+                m["seconds"] += time.perf_counter() - t0
         result["seconds"] += time.perf_counter() - start
         RESULTS.write_text(json.dumps(result, indent=1) + "\n")
     elif args.from_json:
@@ -751,14 +821,15 @@ def summary_lines(models: list[dict[str, Any]]) -> list[str]:
     L: list[str] = []
     for m in models:
         name = m["name"]
-        chk = m["issue_check"]
-        free, cal = chk["runs"]["data-free"], chk["runs"]["calibrated"]
-        L.append(f"- **{name}, the issue's check** (`--target-params 0.7` with vs without `--calibration`, via the "
-                 f"CLI): held-out relative error {free['metrics']['heldout_rel_error']:.3f} -> "
-                 f"{cal['metrics']['heldout_rel_error']:.3f}, ratio **{chk['error_ratio']:.3f}** (must be <= 0.6); "
-                 f"parameters kept {free['candidate_params_kept']:.4f} / {cal['candidate_params_kept']:.4f} of the "
-                 f"candidates (within 0.7: {_f(free['within_budget'])} / {_f(cal['within_budget'])}) -> "
-                 f"**{'passed' if chk['passed'] else 'FAILED'}**.")
+        for protocol, chk in _checks(m).items():
+            free, cal = chk["runs"]["data-free"], chk["runs"]["calibrated"]
+            L.append(f"- **{name}, the issue's check, {protocol} calibration** (`--target-params 0.7` with vs "
+                     f"without `--calibration`, via the CLI): held-out relative error "
+                     f"{free['metrics']['heldout_rel_error']:.3f} -> {cal['metrics']['heldout_rel_error']:.3f}, ratio "
+                     f"**{chk['error_ratio']:.3f}** (must be <= 0.6); parameters kept "
+                     f"{free['candidate_params_kept']:.4f} / {cal['candidate_params_kept']:.4f} of the candidates "
+                     f"(within 0.7: {_f(free['within_budget'])} / {_f(cal['within_budget'])}) -> "
+                     f"**{'passed' if chk['passed'] else 'FAILED'}**.")
     for m in models:
         name = m["name"]
         sweep = m["measured_sweep"]["runs"]
@@ -901,14 +972,26 @@ def discussion(models: list[dict[str, Any]]) -> list[str]:
                 "the classifier, whose measured loss is below 0.001; on the evaluation photos that choice costs "
                 + ", ".join(f"top-1 {r['metrics']['top1_agreement']:.3f} at F = {r['budget']:g}" for r in top) + ".")
     for m in models:
-        chk = m.get("issue_check")
-        if chk:
+        checks = _checks(m)
+        if checks:
+            ratios = ", ".join(f"{p} {c['error_ratio']:.3f} ({'passed' if c['passed'] else 'failed'})"
+                               for p, c in checks.items())
             L.append(
-                f"- **The issue's check fails on {m['name']}**: calibrated / data-free held-out error at "
-                f"`--target-params 0.7` = {chk['error_ratio']:.3f} (> 0.6), although both stay within the budget. "
-                "DESIGN.md's detector figures (0.048 vs 0.117, ratio 0.41) do not carry over: evaluated on other "
-                "photos / other text than the calibration data, most of the whitening gain does not transfer.")
+                f"- **On {m['name']} the issue's check depends on where the calibration data comes from**: "
+                f"calibrated / data-free held-out error at `--target-params 0.7` = {ratios} (<= 0.6 required). "
+                "Whitening fits each layer to the calibration distribution. Evaluated on other photos or other "
+                "text than the calibration data (`disjoint`), most of that gain does not transfer. Calibration "
+                "drawn from the evaluated inputs' pool (`same-pool`) keeps "
+                + ("enough of it." if checks.get("same-pool", {}).get("passed") else "more of it, but not enough.")
+                + "")
     return L
+
+
+def _checks(m: dict[str, Any]) -> dict[str, Any]:
+    """The issue's check per calibration protocol (older result files have only the disjoint one)."""
+    if m.get("issue_checks"):
+        return m["issue_checks"]
+    return {"disjoint": m["issue_check"]} if m.get("issue_check") else {}
 
 
 def model_section(m: dict[str, Any]) -> list[str]:
@@ -983,18 +1066,23 @@ def model_section(m: dict[str, Any]) -> list[str]:
             + [r["metrics"].get(k) for k, _ in cols] + [r["apply_s"]] for r in sw["runs"]]
     L.extend(_table(header, rows))
     L.append("")
-    chk = m["issue_check"]
     L.append("### The issue's check")
     L.append("")
-    header = ["command", "kept (cand.)", "within 0.7", "held-out rel. error"] + \
+    L.append("Two calibration protocols: `disjoint` calibrates on the study's calibration data and evaluates on "
+             "the disjoint evaluation data above; `same-pool` draws the calibration data from the same pool as "
+             "the evaluated inputs (the setting of a user calibrating on a sample of their own inputs).")
+    L.append("")
+    header = ["protocol", "command", "kept (cand.)", "within 0.7", "held-out rel. error"] + \
              [label for k, label in cols if k != "heldout_rel_error"] + ["wall s"]
-    rows = [[f"`{r['command']}`", r["candidate_params_kept"], r["within_budget"], r["metrics"]["heldout_rel_error"]]
+    rows = [[protocol, f"`{r['command']}`", r["candidate_params_kept"], r["within_budget"],
+             r["metrics"]["heldout_rel_error"]]
             + [r["metrics"].get(k) for k, _ in cols if k != "heldout_rel_error"] + [r["wall_s"]]
-            for r in chk["runs"].values()]
+            for protocol, chk in _checks(m).items() for r in chk["runs"].values()]
     L.extend(_table(header, rows))
     L.append("")
-    L.append(f"Ratio of held-out errors: **{chk['error_ratio']:.3f}** (<= 0.6 required): "
-             f"**{'passed' if chk['passed'] else 'FAILED'}**.")
+    for protocol, chk in _checks(m).items():
+        L.append(f"- `{protocol}` ({chk.get('data', 'the calibration data above')}): ratio of held-out errors "
+                 f"**{chk['error_ratio']:.3f}** (<= 0.6 required): **{'passed' if chk['passed'] else 'FAILED'}**.")
     L.append("")
     L.append("### `--max-error` search")
     L.append("")
