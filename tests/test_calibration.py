@@ -138,3 +138,17 @@ def test_measured_allocation_within_budget():
     for layer in layers:
         losses = [o["loss"] for o in layer["options"]]
         assert losses == sorted(losses, reverse=True) and losses[0] > losses[-2] > 0
+
+
+def test_too_few_calibration_rows_are_flagged(caplog):
+    """Fewer rows than input features: the report and the log say the whitening is optimistic."""
+    pixels = np.load(CALIB)["pixels"]
+    with caplog.at_level("WARNING", logger="onnx_lowrank"):
+        _, report = optimize(MODEL, LowRankConfig(ratio=0.3), calibration={"pixels": pixels[:40]})
+    rows = {r.node: r for r in report.layers}
+    first = report.layers[0]  # 64 input features, one row per sample: 40 < 64
+    assert first.note is not None and "calibration gave 40 input rows for 64 features" in first.note
+    assert "fewer calibration rows than input features" in caplog.text
+    _, enough = optimize(MODEL, LowRankConfig(ratio=0.3), calibration=CALIB)  # 256 rows
+    assert not any("input rows for" in (r.note or "") for r in enough.layers)
+    assert len(rows) == len(enough.layers)
