@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 from collections.abc import Mapping
@@ -19,7 +20,7 @@ from onnx_lowrank.passes import PassState, apply_lowrank
 from .calibration import sample_count, split_samples
 from .config import ConfigError, LowRankConfig
 from .flops import count_params, load_model_skeleton
-from .model_io import ModelError, external_data_bytes, load_model, model_file_size
+from .model_io import ModelError, SpilledWeights, external_data_bytes, load_model, load_weights, model_file_size
 from .report import Report
 
 __all__ = ["optimize", "default_model_path"]
@@ -49,7 +50,10 @@ def optimize(
     ----------
     model_or_path : onnx.ModelProto or path-like
         The model, or the path of an ``.onnx`` file (its external data is loaded too). A
-        ``ModelProto`` passed in is never modified: the result is a new message.
+        ``ModelProto`` passed in is never modified: the result is a new message. Its weights
+        are written to a temporary file and read from there one at a time (unless ``lazy`` is
+        False, or ``config`` needs the model in memory: ``max_error``, measured allocation),
+        so that memory holds it once plus the result.
     config : LowRankConfig, optional
         Method, rank policy and targets; ``LowRankConfig()`` (RSI, keep 50% of each layer's
         parameters) when omitted.
@@ -66,11 +70,16 @@ def optimize(
     check : bool
         Run ``onnx.checker`` on the result's graph (a data-free copy, so any size is cheap).
     lazy : bool, optional
-        For a path with external data: keep the weights on disk and read each one when its
-        turn comes, so memory holds about one weight at a time plus the factors. ``None``
-        (default) does so when the external data exceeds :data:`LAZY_THRESHOLD`. The returned
-        model then still refers to the input's data file for the weights it did not change:
-        save it with ``save_model(model, out, input_path=path)``, which copies them over.
+        For a path: keep the weights on disk (in the external data file, or inside the
+        ``.onnx`` file of a single-file model) and read each one when its turn comes, so memory
+        holds about one weight at a time plus the factors. The returned model then still refers
+        to the input's files for the weights it did not change: save it with
+        ``save_model(model, out, input_path=path)``, which copies them over (into a single
+        file again for a single-file input). ``None`` (default) does so when the external data
+        exceeds :data:`LAZY_THRESHOLD`; below, the weights are read one at a time all the same
+        and the unchanged ones read in at the end, so the result is self-contained. ``False``
+        reads every weight into memory first (a ``ModelProto`` is then copied in memory
+        instead of its weights spilled to a temporary file).
 
     Returns
     -------
@@ -93,28 +102,57 @@ def optimize(
     N. Halko, P. G. Martinsson, J. A. Tropp, "Finding structure with randomness: probabilistic
     algorithms for constructing approximate matrix decompositions", SIAM Review 53(2), 2011.
     """
+    with ExitStack() as scratch:  # holds the weights of a ModelProto spilled to disk, if any
+        return _optimize(model_or_path, config, calibration, validation, progress, check, lazy, scratch)
+
+
+def _optimize(
+    model_or_path: onnx.ModelProto | str | os.PathLike[str],
+    config: LowRankConfig | None,
+    calibration: Inputs | None,
+    validation: Inputs | None,
+    progress: bool,
+    check: bool,
+    lazy: bool | None,
+    scratch: ExitStack,
+) -> tuple[onnx.ModelProto, Report]:
     config = config if config is not None else LowRankConfig()
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     input_path: str | None = None
     size_before: int | None = None
     base_dir: str | None = None
+    spill: SpilledWeights | None = None
+    read_back = False
+    in_memory_modes = config.max_error is not None or config.allocation == "measured"
     if isinstance(model_or_path, onnx.ModelProto):
-        model = onnx.ModelProto()
-        model.CopyFrom(model_or_path)
+        if lazy is not False and not in_memory_modes:
+            # Weights to a temporary file, read back one at a time: a plain copy would hold the
+            # model twice, and protobuf keeps the memory of the weights replaced by factors.
+            try:
+                spill = scratch.enter_context(SpilledWeights(model_or_path))
+                model, base_dir = spill.model, spill.directory
+            except OSError as exc:
+                logger.warning("cannot spill the weights to a temporary file (%s): working in memory", exc)
+        if spill is None:
+            model = onnx.ModelProto()
+            model.CopyFrom(model_or_path)
     elif isinstance(model_or_path, (str, os.PathLike)):
         input_path = str(model_or_path)
-        model = load_model(model_or_path, load_external_data=False)  # validates the file first
+        # Validates the file first, reading no weight (those inside a single-file model neither).
+        model = load_model(model_or_path, lazy=True)
         size_before = model_file_size(model_or_path)
+        base_dir = str(Path(model_or_path).resolve().parent)
         if lazy is None:
             lazy = external_data_bytes(model_or_path) > LAZY_THRESHOLD
-        if not lazy:
-            onnx.external_data_helper.load_external_data_for_model(model, str(Path(model_or_path).resolve().parent))
-        else:
-            base_dir = str(Path(model_or_path).resolve().parent)
-            if config.max_error is not None or config.allocation == "measured":
-                raise ConfigError("--max-error and --allocation measured run the model in memory, which this model "
-                                  "is too large for (its weights are read from disk one at a time)")
+            # Below the threshold the weights are read one at a time all the same, and the ones
+            # left unchanged read in at the end: the weights replaced by factors are never held.
+            read_back = not lazy and not in_memory_modes
+        if not lazy and not read_back:
+            model, base_dir = load_model(model_or_path), None
+        elif lazy and in_memory_modes:
+            raise ConfigError("--max-error and --allocation measured run the model in memory, which this model "
+                              "is too large for (its weights are read from disk one at a time)")
     else:
         raise TypeError(f"optimize() takes an onnx.ModelProto or a path, not {type(model_or_path).__name__}")
     seconds["load"] = time.perf_counter() - start
@@ -164,6 +202,13 @@ def optimize(
         details["calibration"]["seconds"] = round(state.stats.seconds, 3)
     seconds["optimize"] = time.perf_counter() - start
     seconds.update(state.seconds)  # its split: plan (incl. calibration), factorize, rewrite
+    if spill is not None or read_back:
+        start = time.perf_counter()
+        if spill is not None:
+            spill.restore(model)  # the result is self-contained, as the argument was
+        else:
+            load_weights(model, model_or_path)  # type: ignore[arg-type]
+        seconds["load"] += time.perf_counter() - start
 
     if check:
         start = time.perf_counter()

@@ -24,7 +24,7 @@ from .api import default_model_path, optimize
 from .arm64_cli import add_arm64_setup_arguments, run_arm64_setup
 from .bench_cli import add_bench_arguments, run_bench
 from .config import ALLOCATIONS, CONV_SCHEMES, LATENCY_MODES, METHODS, WHITEN_MODES, ConfigError, LowRankConfig
-from .model_io import ModelError, check_output_path, external_data_bytes, model_file_size, save_model
+from .model_io import ModelError, check_output_path, model_file_size, save_model
 
 __all__ = ["main", "build_parser", "config_from_args"]
 
@@ -220,12 +220,12 @@ def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
 def _optimize_to(input_path: str | Path, output: str | Path, args: argparse.Namespace):
     config = config_from_args(args)
     progress = not args.quiet and sys.stderr.isatty()
-    # The CLI always saves with the input at hand, so a model with external data can keep its
-    # weights on disk whatever its size (memory: about one weight at a time plus the factors),
-    # and is written with external data like its input. Modes that run the model in memory
-    # repeatedly (--max-error, --allocation measured) load it.
+    # The CLI always saves with the input at hand, so a model can keep its weights on disk
+    # whatever its size and format (memory: about one weight at a time plus the factors); the
+    # output is written like the input, with external data or as one file (streamed). Modes
+    # that run the model in memory repeatedly (--max-error, --allocation measured) load it.
     in_memory_modes = config.max_error is not None or config.allocation == "measured"
-    lazy = None if in_memory_modes or external_data_bytes(input_path) == 0 else True
+    lazy = None if in_memory_modes else True
     model, report = optimize(input_path, config, calibration=getattr(args, "calibration", None),
                              validation=getattr(args, "validation", None), progress=progress, lazy=lazy)
     start = time.perf_counter()
