@@ -44,6 +44,9 @@ class AllocationLayer:
         Budget used when the layer stays dense.
     break_even : int
         Ranks ``>= break_even`` do not pay: the layer goes dense instead.
+    weight : float
+        Importance of the layer's normalized error (1 for the energy allocation; the measured
+        output sensitivity for ``--allocation weighted``).
     """
 
     key: Hashable
@@ -52,18 +55,19 @@ class AllocationLayer:
     cost: Callable[[int], float]
     dense_cost: float
     break_even: int
+    weight: float = 1.0
 
     def gain(self, rank: int) -> float:
-        """Normalized energy recovered by unit ``rank`` (1-based)."""
+        """Weighted normalized energy recovered by unit ``rank`` (1-based)."""
         if self.total_energy <= 0 or rank > len(self.energies):
             return 0.0
-        return float(self.energies[rank - 1]) / self.total_energy
+        return self.weight * float(self.energies[rank - 1]) / self.total_energy
 
     def tail(self, rank: int) -> float:
-        """Normalized energy lost at ``rank``: the relative squared truncation error."""
+        """Weighted normalized energy lost at ``rank``: the relative squared truncation error."""
         if self.total_energy <= 0:
             return 0.0
-        return max(0.0, 1.0 - float(np.sum(self.energies[:rank])) / self.total_energy)
+        return self.weight * max(0.0, 1.0 - float(np.sum(self.energies[:rank])) / self.total_energy)
 
 
 @dataclass

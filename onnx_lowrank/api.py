@@ -124,7 +124,8 @@ def _optimize(
     base_dir: str | None = None
     spill: SpilledWeights | None = None
     read_back = False
-    in_memory_modes = config.max_error is not None or config.allocation == "measured"
+    allocation = config.allocation_for(calibration is not None)
+    in_memory_modes = config.runs_model(calibration is not None)
     if isinstance(model_or_path, onnx.ModelProto):
         if lazy is not False and not in_memory_modes:
             # Weights to a temporary file, read back one at a time: a plain copy would hold the
@@ -145,14 +146,23 @@ def _optimize(
         base_dir = str(Path(model_or_path).resolve().parent)
         if lazy is None:
             lazy = external_data_bytes(model_or_path) > LAZY_THRESHOLD
+            if lazy and in_memory_modes and config.allocation == "auto" and config.max_error is None:
+                # The probes would load the model; its weights stay on disk instead.
+                allocation, in_memory_modes = "energy", False
+                logger.warning("the model's weights stay on disk (over %d MiB): using --allocation energy, not "
+                               "weighted", LAZY_THRESHOLD >> 20)
             # Below the threshold the weights are read one at a time all the same, and the ones
             # left unchanged read in at the end: the weights replaced by factors are never held.
             read_back = not lazy and not in_memory_modes
         if not lazy and not read_back:
             model, base_dir = load_model(model_or_path), None
+        elif lazy and in_memory_modes and config.allocation == "auto" and config.max_error is None:
+            allocation, in_memory_modes = "energy", False
+            logger.warning("lazy=True keeps the weights on disk: using --allocation energy, not weighted")
         elif lazy and in_memory_modes:
-            raise ConfigError("--max-error and --allocation measured run the model in memory, which this model "
-                              "is too large for (its weights are read from disk one at a time)")
+            raise ConfigError(f"{'--max-error' if config.max_error is not None else '--allocation ' + allocation} runs "
+                              "the model in memory, which this model is too large for (its weights are read from disk "
+                              "one at a time); use --allocation energy")
     else:
         raise TypeError(f"optimize() takes an onnx.ModelProto or a path, not {type(model_or_path).__name__}")
     seconds["load"] = time.perf_counter() - start
@@ -163,10 +173,23 @@ def _optimize(
     valid = _inputs(validation, model, "validation") if validation is not None else None
     if config.max_error is not None and calib is None:
         raise ConfigError("--max-error needs --calibration DATA.npz: the error is measured on held-out samples")
-    if valid is None and calib is not None and (config.max_error is not None or config.allocation == "measured"):
+    if allocation in ("weighted", "measured") and calib is None:
+        raise ConfigError(f"--allocation {allocation} needs --calibration DATA.npz: losses are measured on it")
+    probe_data = None  # (whitening, held-out) samples of the weighted allocation's probes
+    if valid is None and calib is not None and (config.max_error is not None or allocation == "measured"):
         # Errors are measured on samples the whitening never saw: in-sample, a layer with fewer
         # calibration rows than features looks free (its whitened error is ~0 on those rows).
         calib, valid = split_samples(calib, config.holdout)
+    elif allocation == "weighted" and config.max_error is None:
+        if valid is not None:
+            probe_data = (calib, valid)
+        elif config.allocation == "auto" and sample_count(calib) * config.holdout < 1:  # type: ignore[arg-type]
+            allocation = "energy"
+            logger.warning("too few calibration samples to hold some out for the weighted allocation: "
+                           "using --allocation energy")
+        else:
+            # The probes need held-out samples; the final factorization then whitens with all.
+            probe_data = split_samples(calib, config.holdout)  # type: ignore[arg-type]
     if calib is not None:
         details["calibration"] = {"samples": sample_count(calib), "whiten": _whiten_mode(config)}
     if valid is not None:
@@ -175,16 +198,34 @@ def _optimize(
 
     start = time.perf_counter()
     table = None
-    state = PassState(prefactorize=config.max_error is not None or config.allocation == "measured",
+    state = PassState(prefactorize=config.max_error is not None or allocation == "measured",
                       base_dir=base_dir)
-    if config.allocation == "measured":
-        if calib is None:
-            raise ConfigError("--allocation measured needs --calibration DATA.npz: losses are measured on it")
+    if allocation != "none":
+        details["allocation"] = {"method": allocation}
+    if allocation == "measured":
         from .sensitivity import measure_sensitivity
 
-        table = measure_sensitivity(model, config, calib, state, evaluation=valid, input_shapes=shapes,
+        table = measure_sensitivity(model, config, calib, state, evaluation=valid, input_shapes=shapes,  # type: ignore[arg-type]
                                     progress=progress)
         details["sensitivity"] = table.to_dict()
+        seconds["sensitivity"] = time.perf_counter() - start
+    elif allocation == "weighted":
+        from .sensitivity import PROBE_FRACTIONS, layer_weights, measure_sensitivity
+
+        fit, held = probe_data if probe_data is not None else (calib, valid)
+        # Probes whiten with their own split; a search (max_error) whitens with it too, so the
+        # Gram matrices are shared, while a single run then whitens with every sample.
+        probe_state = state if probe_data is None else PassState(base_dir=base_dir)
+        probes = measure_sensitivity(model, config, fit, probe_state, evaluation=held, input_shapes=shapes,  # type: ignore[arg-type]
+                                     progress=progress, fractions=PROBE_FRACTIONS)
+        state.layer_weights = layer_weights(probes)
+        if probe_state is not state:
+            state.macs, state.shapes = probe_state.macs, probe_state.shapes
+        details["allocation"].update({
+            "trials": sum(len(layer.options) - 1 for layer in probes.layers),
+            "seconds": round(probes.seconds, 3),
+            "weights": {label: round(w, 6) for label, w in state.layer_weights.items()},
+        })
         seconds["sensitivity"] = time.perf_counter() - start
     if config.max_error is not None:
         model, rows, search = _search_budget(model, config, calib, valid, shapes, state, table, progress)  # type: ignore[arg-type]

@@ -105,10 +105,12 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                    help="held-out inputs for --max-error (default: the last --holdout of the calibration samples)")
     d.add_argument("--holdout", type=_fraction, default=0.2, metavar="F",
                    help="fraction of calibration samples held out for --max-error (default 0.2)")
-    d.add_argument("--allocation", choices=ALLOCATIONS, default="energy",
+    d.add_argument("--allocation", choices=ALLOCATIONS, default="auto",
                    help="how --target-params/--target-flops/--max-error spend the budget: energy (normalized, whitened "
-                   "spectral energy per parameter) or measured (each layer truncated alone to up to 7 ranks, the model's "
-                   "output loss measured in onnxruntime; needs --calibration)")
+                   "spectral energy per parameter), weighted (the same, each layer weighted by its measured output "
+                   "sensitivity: 2 onnxruntime probes per layer), measured (each layer truncated alone to up to 7 "
+                   "ranks, the model's output loss measured in onnxruntime); weighted and measured need --calibration. "
+                   "auto (default): weighted with --calibration, else energy")
     d.add_argument("--latency", choices=LATENCY_MODES, default="off",
                    help="keep layers dense when factorized they would not run faster in onnxruntime: "
                    "model (cost model) or measure (timed once per layer shape here); default off")
@@ -223,8 +225,9 @@ def _optimize_to(input_path: str | Path, output: str | Path, args: argparse.Name
     # The CLI always saves with the input at hand, so a model can keep its weights on disk
     # whatever its size and format (memory: about one weight at a time plus the factors); the
     # output is written like the input, with external data or as one file (streamed). Modes
-    # that run the model in memory repeatedly (--max-error, --allocation measured) load it.
-    in_memory_modes = config.max_error is not None or config.allocation == "measured"
+    # that run the model in memory repeatedly (--max-error, the weighted and measured
+    # allocations) load it.
+    in_memory_modes = config.runs_model(getattr(args, "calibration", None) is not None)
     lazy = None if in_memory_modes else True
     model, report = optimize(input_path, config, calibration=getattr(args, "calibration", None),
                              validation=getattr(args, "validation", None), progress=progress, lazy=lazy)

@@ -13,7 +13,7 @@ OP_TYPES = ("MatMul", "Gemm", "Conv")
 CONV_SCHEMES = ("weight-svd", "spatial-svd", "tucker2")
 WHITEN_MODES = ("auto", "full", "diag", "none")
 LATENCY_MODES = ("off", "model", "measure")
-ALLOCATIONS = ("energy", "measured")
+ALLOCATIONS = ("auto", "energy", "weighted", "measured")
 
 #: Used when the caller names no rank policy: keep half of every layer's parameters. It is the
 #: design card's headline example and a predictable starting point; energy would hide how much
@@ -85,10 +85,13 @@ class LowRankConfig:
         Run the factorizations as tasks on a dask.distributed cluster: a scheduler address
         (``tcp://host:8786``) or ``local:N`` for a local cluster of N worker processes. Results
         are identical to the local run.
-    allocation : {"energy", "measured"}
-        How a global budget is spent: by normalized (whitened) spectral energy per parameter, or
-        by the measured loss of the model's output when each layer alone is truncated to a few
-        candidate ranks (needs calibration data; AIMET's idea, run by onnxruntime).
+    allocation : {"auto", "energy", "weighted", "measured"}
+        How a global budget is spent: ``energy``, by normalized (whitened) spectral energy per
+        parameter; ``weighted``, the same energies weighted by each layer's measured output
+        sensitivity (two onnxruntime probes per layer; needs calibration data); ``measured``,
+        by the measured output loss of each layer alone at up to 7 candidate ranks (AIMET's
+        idea, run by onnxruntime; needs calibration data). ``auto`` (the default) is
+        ``weighted`` when calibration data is given, else ``energy``.
     latency : {"off", "model", "measure"}
         Keep a layer dense when the factorized form would not run faster in onnxruntime:
         predicted by a cost model, or measured once per layer shape on this machine.
@@ -115,7 +118,7 @@ class LowRankConfig:
     max_error: float | None = None
     holdout: float = 0.2
     latency: str = "off"
-    allocation: str = "energy"
+    allocation: str = "auto"
     jobs: int = 0
     dask: str | None = None
 
@@ -162,9 +165,10 @@ class LowRankConfig:
                 raise ConfigError(f"--dask local:N needs a positive number of workers, got {self.dask!r}")
         if self.allocation not in ALLOCATIONS:
             raise ConfigError(f"--allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
-        if self.allocation == "measured" and self.target_params is None and self.target_flops is None \
+        if self.allocation in ("measured", "weighted") and self.target_params is None and self.target_flops is None \
                 and self.max_error is None:
-            raise ConfigError("--allocation measured spends a global budget: give --target-params or --target-flops")
+            raise ConfigError(f"--allocation {self.allocation} spends a global budget: give --target-params or "
+                              "--target-flops")
         if self.latency not in LATENCY_MODES:
             raise ConfigError(f"--latency must be one of {', '.join(LATENCY_MODES)}, got {self.latency!r}")
         if self.rank is not None and (not _is_int(self.rank) or self.rank < 1):
@@ -218,6 +222,29 @@ class LowRankConfig:
         if self.energy is not None:
             return "energy", self.energy
         return "ratio", self.ratio if self.ratio is not None else DEFAULT_RATIO
+
+    def allocation_for(self, calibrated: bool) -> str:
+        """The allocation in force: ``auto`` resolved, ``"none"`` when no global budget is spent.
+
+        Parameters
+        ----------
+        calibrated : bool
+            Whether calibration data is given.
+
+        Returns
+        -------
+        str
+            ``"energy"``, ``"weighted"``, ``"measured"`` or ``"none"`` (a per-layer policy).
+        """
+        if self.policy[0] not in ("target_params", "target_flops", "max_error"):
+            return "none"
+        if self.allocation == "auto":
+            return "weighted" if calibrated else "energy"
+        return self.allocation
+
+    def runs_model(self, calibrated: bool) -> bool:
+        """Whether optimizing runs the whole model in onnxruntime repeatedly (it must be in memory)."""
+        return self.max_error is not None or self.allocation_for(calibrated) in ("weighted", "measured")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON view of the configuration (used in reports)."""

@@ -108,7 +108,7 @@ def apply_lowrank(
         row.macs_before = state.macs.get(row.node)
     attach_whiteners(model, active, config, calibration, state, progress=progress)
     if fixed_ranks is None:
-        selected = choose_ranks(active, config)
+        selected = choose_ranks(active, config, state.layer_weights)
     else:
         selected = []
         for row, cand in active:

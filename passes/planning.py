@@ -49,6 +49,10 @@ class PassState:
     macs: dict[str, int] | None = None
     shapes: dict[str, list[int | None]] | None = None
     whiteners: dict[Any, Any] = field(default_factory=dict)
+    #: The few-calibration-rows warning was given (the pass runs once per trial of a search).
+    warned_thin: bool = False
+    #: Measured output sensitivity per node label (``--allocation weighted``), or ``None``.
+    layer_weights: dict[str, float] | None = None
     #: Directory of a model whose external data was not loaded (read weight by weight).
     base_dir: str | None = None
     #: Time per stage of the pass (plan, factorize, rewrite), summed over runs.
@@ -114,7 +118,8 @@ def attach_whiteners(
                 cand.note = join_notes(cand.note, f"calibration gave {rows} input rows for {features} features: "
                                                   "its whitened error is optimistic; give more samples")
                 thin.append(cand.label)
-    if thin:
+    if thin and not state.warned_thin:
+        state.warned_thin = True
         logger.warning("%d layer(s) got fewer calibration rows than input features (e.g. %s): whitening may not "
                        "carry over to other inputs; give more calibration samples", len(thin), thin[0])
 
@@ -151,12 +156,18 @@ def _concrete_input_shapes(
 
 
 def choose_ranks(
-    active: Sequence[tuple[LayerResult, Candidate]], config: LowRankConfig
+    active: Sequence[tuple[LayerResult, Candidate]],
+    config: LowRankConfig,
+    weights: Mapping[str, float] | None = None,
 ) -> Selected:
-    """Ranks of the candidates by the configured policy; rows of dense layers get the reason."""
+    """Ranks of the candidates by the configured policy; rows of dense layers get the reason.
+
+    ``weights`` (node label -> factor) scale each layer's normalized energies in a global
+    allocation: the measured output sensitivity of ``--allocation weighted``.
+    """
     policy, value = config.policy
     if policy in ("target_params", "target_flops"):
-        return _global_ranks(active, config, policy, float(value))
+        return _global_ranks(active, config, policy, float(value), weights)
     selected: Selected = []
     for row, cand in active:
         choice = select_rank(
@@ -177,8 +188,14 @@ def choose_ranks(
 
 
 def _global_ranks(
-    active: Sequence[tuple[LayerResult, Candidate]], config: LowRankConfig, policy: str, fraction: float
+    active: Sequence[tuple[LayerResult, Candidate]],
+    config: LowRankConfig,
+    policy: str,
+    fraction: float,
+    weights: Mapping[str, float] | None = None,
 ) -> Selected:
+    # A layer without a measurement (none expected) counts like the median measured one.
+    fallback = float(np.median(list(weights.values()))) if weights else 1.0
     groups: dict[Any, list[tuple[LayerResult, Candidate]]] = defaultdict(list)
     for row, cand in active:
         groups[cand.share_key].append((row, cand))
@@ -209,6 +226,9 @@ def _global_ranks(
         layers.append(AllocationLayer(
             key=key, energies=energies, total_energy=total,
             cost=(lambda r, c=cand, k=rows: c.factored_params(r) * k), dense_cost=dense, break_even=be,
+            # Measured output sensitivity (``--allocation weighted``): the layer's normalized
+            # error counted in units of the model's squared output error.
+            weight=weights.get(members[0][0].node, fallback) if weights else 1.0,
         ))
     budget = fraction * dense_total
     # Layers that cannot gain stay dense and use their full cost from the budget.

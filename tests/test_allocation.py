@@ -77,3 +77,36 @@ def test_measured_allocation_on_a_synthetic_table():
     assert ranks == {"a": None, "b1": None, "b2": None}
     ranks, _ = allocate_measured(table, 0.01)  # below rank 1 everywhere: the smallest model
     assert ranks == {"a": 1, "b1": 1, "b2": 1}
+
+
+def test_layer_weights_are_the_geometric_mean_of_loss_squared_over_tail():
+    from onnx_lowrank.sensitivity import LayerOptions, SensitivityTable, layer_weights
+
+    table = SensitivityTable(
+        layers=[
+            # probes at rank 1 and 5: losses 0.4 and 0.1, normalized energy lost 0.8 and 0.05
+            LayerOptions(["a"], [(1, 10, 0.4), (5, 50, 0.1), (None, 100, 0.0)], tails=[0.8, 0.05]),
+            LayerOptions(["b1", "b2"], [(1, 10, 0.0), (None, 100, 0.0)], tails=[0.0]),  # exactly rank 1
+        ],
+        dense_total=200, unit="parameters", seconds=0.0,
+    )
+    w = layer_weights(table)
+    assert w["a"] == pytest.approx(np.sqrt((0.4 ** 2 / 0.8) * (0.1 ** 2 / 0.05)))  # gmean(0.2, 0.2) = 0.2
+    assert w["b1"] == w["b2"] == pytest.approx(1.0)  # 0 / 0 floors to tiny / tiny: finite
+
+
+def test_weights_steer_the_global_allocation():
+    """Same spectra, same costs: the budget goes to the layer whose output matters more."""
+    energies = np.linspace(1.0, 0.1, 20) ** 2
+    cost = lambda r: r * 40  # noqa: E731  (a 20 x 20 weight)
+
+    def layers(wa: float, wb: float) -> list[AllocationLayer]:
+        return [AllocationLayer(k, energies, float(energies.sum()), cost, 400, 10, weight=w)
+                for k, w in (("a", wa), ("b", wb))]
+
+    even = allocate(layers(1.0, 1.0), 400).ranks
+    assert even["a"] == even["b"]
+    skewed = allocate(layers(10.0, 1.0), 400).ranks
+    assert skewed["a"] is None or skewed["a"] > skewed["b"]
+    # the weighted tail is what the allocation reports as its total error
+    assert allocate(layers(2.0, 2.0), 400).total_error == pytest.approx(2 * allocate(layers(1.0, 1.0), 400).total_error)

@@ -9,8 +9,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from builders import DATA, rel_err, run
+from builders import DATA, rel_err, run, run_cli
 from onnx_lowrank import LowRankConfig, optimize
+from onnx_lowrank.config import ConfigError
 from onnx_lowrank.calibration import collect_grams
 from onnx_lowrank.cli import main
 from onnx_lowrank.harness import compare_models, load_inputs, max_error
@@ -152,3 +153,43 @@ def test_too_few_calibration_rows_are_flagged(caplog):
     _, enough = optimize(MODEL, LowRankConfig(ratio=0.3), calibration=CALIB)  # 256 rows
     assert not any("input rows for" in (r.note or "") for r in enough.layers)
     assert len(rows) == len(enough.layers)
+
+
+def test_weighted_allocation_is_the_default_with_calibration():
+    model, report = optimize(MODEL, LowRankConfig(target_params=0.25), calibration=CALIB)
+    alloc = report.details["allocation"]
+    assert alloc["method"] == "weighted"
+    # two probes per layer (rank 1 and half the break-even rank) on the held-out 20%
+    assert alloc["trials"] == 6 and set(alloc["weights"]) == {"fc1/Gemm", "fc2/MatMul", "fc3/Gemm"}
+    assert all(w > 0 for w in alloc["weights"].values())
+    t = report.totals()
+    kept = t["candidate_params"] - t["factorized_params_before"] + t["factorized_params_after"]
+    assert kept <= 0.25 * t["candidate_params"]
+    # the final whitening uses every calibration sample, not only the probes' 80%
+    assert report.details["calibration"]["samples"] == 256
+    assert _accuracy(model) >= 0.97
+    _, energy = optimize(MODEL, LowRankConfig(target_params=0.25, allocation="energy"), calibration=CALIB)
+    assert energy.details["allocation"] == {"method": "energy"}
+    _, free = optimize(MODEL, LowRankConfig(target_params=0.25))
+    assert free.details["allocation"] == {"method": "energy"}
+    _, uniform = optimize(MODEL, LowRankConfig(ratio=0.5), calibration=CALIB)
+    assert "allocation" not in uniform.details
+
+
+def test_weighted_allocation_needs_calibration_and_a_budget(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="--allocation weighted spends a global budget"):
+        LowRankConfig(ratio=0.5, allocation="weighted")
+    with pytest.raises(ConfigError, match="--allocation weighted needs --calibration"):
+        optimize(MODEL, LowRankConfig(target_params=0.5, allocation="weighted"))
+    code, _, err = run_cli(capsys, "optimize", MODEL, tmp_path / "o.onnx", "--target-params", "0.5",
+                           "--allocation", "weighted")
+    assert code == 2 and "--allocation weighted needs --calibration" in err and "Traceback" not in err
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_auto_allocation_falls_back_to_energy_with_one_sample(caplog):
+    pixels = np.load(CALIB)["pixels"]
+    with caplog.at_level("WARNING", logger="onnx_lowrank"):
+        _, report = optimize(MODEL, LowRankConfig(target_params=0.5), calibration={"pixels": pixels[:2]})
+    assert report.details["allocation"] == {"method": "energy"}
+    assert "too few calibration samples to hold some out" in caplog.text

@@ -63,8 +63,11 @@ def test_lazy_equals_eager_bytes(tmp_path):
 def test_lazy_with_calibration_and_jobs(tmp_path):
     path, x, _ = _external_model(tmp_path, seed=2)
     calib = {"x": np.random.default_rng(3).standard_normal((16, 2, 256)).astype(np.float32)}
-    eager, _ = optimize(path, LowRankConfig(target_params=0.4, jobs=1), calibration=calib, lazy=False)
+    eager, _ = optimize(path, LowRankConfig(target_params=0.4, jobs=1, allocation="energy"), calibration=calib,
+                        lazy=False)
+    # the weighted allocation (the default with calibration) would load the model: energy instead
     lazy, report = optimize(path, LowRankConfig(target_params=0.4, jobs=2), calibration=calib, lazy=True)
+    assert report.details["allocation"] == {"method": "energy"}
     assert all(r.whitened_error is not None for r in report.factorized)
     save_model(lazy, tmp_path / "l.onnx", input_path=path)
     np.testing.assert_array_equal(run(onnx.load(tmp_path / "l.onnx"), {"x": x})[0], run(eager, {"x": x})[0])
