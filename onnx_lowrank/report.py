@@ -173,6 +173,13 @@ class Report:
                 f"file size {format_bytes(self.size_before)} -> {format_bytes(self.size_after)} "
                 f"({_fmt_ratio(t['size_ratio'])})"
             )
+        alloc = self.details.get("allocation")
+        if alloc:
+            how = {"energy": "normalized energy per parameter",
+                   "weighted": "energy weighted by measured output sensitivity",
+                   "measured": "measured output loss per layer and rank"}.get(alloc["method"], alloc["method"])
+            probes = f", {alloc['trials']} onnxruntime probes in {alloc['seconds']:.1f}s" if "trials" in alloc else ""
+            lines.append(f"global allocation: {alloc['method']} ({how}{probes})")
         search = self.details.get("search")
         if search:
             verdict = "within" if search["reached"] else "ABOVE"

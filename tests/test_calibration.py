@@ -162,6 +162,8 @@ def test_weighted_allocation_is_the_default_with_calibration():
     # two probes per layer (rank 1 and half the break-even rank) on the held-out 20%
     assert alloc["trials"] == 6 and set(alloc["weights"]) == {"fc1/Gemm", "fc2/MatMul", "fc3/Gemm"}
     assert all(w > 0 for w in alloc["weights"].values())
+    assert "global allocation: weighted (energy weighted by measured output sensitivity, 6 onnxruntime probes" \
+        in report.format_table()
     t = report.totals()
     kept = t["candidate_params"] - t["factorized_params_before"] + t["factorized_params_after"]
     assert kept <= 0.25 * t["candidate_params"]
