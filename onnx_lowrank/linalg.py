@@ -66,15 +66,38 @@ _CHOLQR_MIN_RATIO = 1e-6
 #   orthogonality as long as the first one's Q has cond <~ 10) down to 1e-5 for float32 data.
 _FINAL_MIN_RATIO = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-6}
 # - The final basis is used without being formed (Q = Y L^-T folded into the small factors)
-#   while cond(Y) <~ 100: the float32 rounding it adds, ~eps32 * cond(Y), stays below 1e-5.
+#   while cond(Y) <~ 100 by the diagonal ratio ...
 _FUSED_MIN_RATIO = 1e-2
+# - ... or while the power estimate of cond(Y) (_spectrum_estimate) is <= 1e4. Folding adds
+#   float32 rounding of ~eps32 * cond(Y) <~ 1e-3 to the weakest columns of A only (the strong
+#   ones stay at eps32); CholeskyQR2 of a float32 Y has rounding of the same size when it forms
+#   Q. Measured against CholeskyQR2: Frobenius errors equal within 2e-9 relative on 29 matrix
+#   and rank cases fused at cond(Y) 18 to 9800.
+#   Needed because a power iteration without its middle normalization (below) leaves the final
+#   sketch with cond(Y) ~ cond(W W^T) on it (~400 for the 2048 x 2048 benchmark matrix).
+_FUSED_MAX_COND = 1e4
 # - Second Cholesky-QR pass: the first pass's Q must be nearly orthonormal already, otherwise
 #   the first pass was unhealthy and Householder QR takes over.
 _SECOND_PASS_MIN_RATIO = 0.1
 
+# A power iteration (one application of W W^T) skips the normalization between its W^T and W
+# products while the estimate of cond(W W^T) on the sketch is at most this: float32 then still
+# keeps >= 3 digits (eps32 * 1e4 ~ 1.2e-3) in the weakest direction of the unnormalized
+# product, and the next normalization (or the final basis) takes over from there. Measured:
+# slowly decaying spectra (sigma_i = i^-0.5, estimates ~100-650) skip, with Frobenius errors
+# equal to those of the every-product scheme within 6e-9 relative; sigma_i = i^-1 at rank
+# 128 (estimate 4e4), i^-3 (1e12) and geometric spectra (1e13) keep the normalization after
+# every product.
+_SKIP_MAX_COND = 1e4
+# Power iterations of the condition estimate: 6 leave it 1-10% below cond(Y) on the sketches
+# of 17 test spectra without a gap (4: up to 20% below; each step costs ~0.03 ms).
+_COND_POWER_STEPS = 6
+
 # Below this size the triangular inverse is left to LAPACK (getrf/getri); above it the
 # recursive 2 x 2 block formula turns most of the work into GEMMs, ~2x faster at l ~ 256.
 _TRI_INV_BLOCK = 64
+# Smallest block that _times_upper still splits (smaller GEMMs lose more speed than flops).
+_TRI_MUL_BLOCK = 96
 
 # Row-block size (elements) for the float64 residual in the error measures: bounds their
 # temporary memory to ~32 MB however large W is.
@@ -119,8 +142,12 @@ class Factorization:
 # --------------------------------------------------------------------------------------------
 
 
-def _as_matrix(W: Any, name: str = "W") -> np.ndarray:
-    """Return W as a 2-D finite floating-point ndarray, or raise ValueError."""
+def _as_matrix(W: Any, name: str = "W", *, check_finite: bool = True) -> np.ndarray:
+    """Return W as a 2-D finite floating-point ndarray, or raise ValueError.
+
+    ``check_finite=False`` leaves the finiteness check to the caller (:func:`_finite_magnitude`,
+    which proves it as a by-product of the range check of the randomized methods).
+    """
     arr = np.asarray(W)
     if arr.ndim != 2:
         raise ValueError(f"{name} must be a 2-D matrix, got an array with shape {arr.shape}")
@@ -131,6 +158,8 @@ def _as_matrix(W: Any, name: str = "W") -> np.ndarray:
         )
     if arr.size == 0:
         raise ValueError(f"{name} must not be empty, got shape {arr.shape}")
+    if not check_finite:
+        return arr
     # A finite sum proves every entry finite (NaN and Inf propagate) in one SIMD pass without
     # the boolean temporary of isfinite(W).all(); only a non-finite sum (bad entries, or an
     # overflow of huge finite ones) pays for the entry-wise check. float16 accumulates in
@@ -138,10 +167,42 @@ def _as_matrix(W: Any, name: str = "W") -> np.ndarray:
     with np.errstate(over="ignore", invalid="ignore"):
         total = arr.sum(dtype=np.float32 if arr.dtype.itemsize < 4 else None)
     if not np.isfinite(total):
-        bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
-        if bad:
-            raise ValueError(f"{name} contains non-finite values (NaN or Inf): {bad} of {arr.size} entries")
+        _raise_if_not_finite(arr, name)
     return arr
+
+
+def _raise_if_not_finite(arr: np.ndarray, name: str) -> None:
+    """Entry-wise finiteness check with the count of bad entries in the message."""
+    bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+    if bad:
+        raise ValueError(f"{name} contains non-finite values (NaN or Inf): {bad} of {arr.size} entries")
+
+
+def _finite_magnitude(arr: np.ndarray, name: str = "W") -> float:
+    """Magnitude of W for :func:`_rsi_core`'s range check; ValueError if W has NaN or Inf.
+
+    The randomized methods need the range check anyway, so it doubles as the finiteness check
+    (no pass of its own). Fast path, for float32/float64 W in C or Fortran order: one BLAS
+    pass s2 = sum(w^2) (0.4 ms at 2048 x 2048, against 0.7 ms for max + min and 0.7 ms for
+    the sum of :func:`_as_matrix`). A finite s2 proves every entry finite (NaN and Inf
+    propagate); ``sqrt(s2) <= 2^(E-4)`` and ``sqrt(s2 / size) >= 2^-(E-4)`` prove
+    2^-E <= max|W| <= 2^E (E = _SAFE_EXPONENT; the factor 2^4 covers any rounding of the
+    float32 sum), so W needs no rescaling and 1.0 is returned. Otherwise (huge or tiny
+    entries, float16, strided views) the exact max|W| = max(W.max(), -W.min()): max and
+    min also propagate NaN and reach any Inf.
+    """
+    if arr.dtype in (np.float32, np.float64) and (arr.flags.c_contiguous or arr.flags.f_contiguous):
+        flat = arr.reshape(-1, order="A")  # a view for C- and Fortran-ordered W
+        with np.errstate(over="ignore", invalid="ignore"):
+            s2 = float(np.dot(flat, flat))
+        bound = 2.0 ** (2 * (_SAFE_EXPONENT - 4))
+        if np.isfinite(s2) and arr.size / bound <= s2 <= bound:
+            return 1.0
+    hi = float(arr.max())
+    lo = float(arr.min())
+    if not (np.isfinite(hi) and np.isfinite(lo)):
+        _raise_if_not_finite(arr, name)
+    return max(hi, -lo)
 
 
 def _check_rank(rank: Any) -> int:
@@ -233,11 +294,17 @@ def _gaussian(rng: np.random.Generator, shape: tuple[int, int], dtype: np.dtype)
     count = shape[0] * shape[1]
     half = (count + 1) // 2
     u = rng.random((2, half), dtype=dtype)
-    radius = np.sqrt(-2.0 * np.log1p(-u[0]))  # 1 - u in (0, 1]: log never sees 0
-    angle = u[1] * dtype.type(2.0 * np.pi)
+    # In place in u's two rows: no temporaries (each would be a fresh 1 MB allocation; 1.8 ms
+    # instead of 2.1-4.6 ms, the same values bit for bit).
+    radius = np.log1p(np.negative(u[0], out=u[0]), out=u[0])  # 1 - u in (0, 1]: never log(0)
+    radius *= dtype.type(-2.0)
+    np.sqrt(radius, out=radius)
+    angle = np.multiply(u[1], dtype.type(2.0 * np.pi), out=u[1])
     out = np.empty(2 * half, dtype=dtype)
-    np.multiply(radius, np.cos(angle), out=out[:half])
-    np.multiply(radius, np.sin(angle), out=out[half:])
+    np.cos(angle, out=out[:half])
+    out[:half] *= radius
+    np.sin(angle, out=out[half:])
+    out[half:] *= radius
     return out[:count].reshape(shape)
 
 
@@ -257,6 +324,24 @@ def _tril_inv(L: np.ndarray) -> np.ndarray:
     out[:h, :h] = inv11
     out[h:, h:] = inv22
     out[h:, :h] = -(inv22 @ (L[h:, :h] @ inv11))
+    return out
+
+
+def _times_upper(Y: np.ndarray, U: np.ndarray) -> np.ndarray:
+    """Y @ U for an upper-triangular U, skipping the zero lower-left blocks.
+
+    numpy has no trmm. [Y1 Y2] @ [[U11, U12], [0, U22]] = [Y1 U11, Y @ [U12; U22]]: one GEMM for
+    the right half, then the same on the left. At l = 266 (blocks 133, 67, 66) that is 69% of
+    the flops of Y @ U; measured 1.29 against 1.55 ms for 2048 x 266 x 266 in float32. The
+    blocks are written in place (numpy passes column slices of ``out`` to BLAS as they are).
+    """
+    out = np.empty((Y.shape[0], U.shape[1]), dtype=np.result_type(Y, U))
+    k = U.shape[0]
+    while k >= _TRI_MUL_BLOCK:
+        h = k // 2
+        np.matmul(Y[:, :k], U[:k, h:k], out=out[:, h:k])
+        k = h
+    np.matmul(Y[:, :k], U[:k, :k], out=out[:, :k])
     return out
 
 
@@ -288,8 +373,36 @@ def _householder(Y: np.ndarray) -> np.ndarray:
     return Q
 
 
-def _orthonormalize(Y: np.ndarray) -> np.ndarray:
-    """Well-conditioned basis of range(Y) for the next power-iteration product.
+def _spectrum_estimate(G: np.ndarray, Linv: np.ndarray) -> tuple[float, float]:
+    """Estimates of (||Y||_2, cond(Y)) for G = Y^T Y = L L^T.
+
+    Power iterations on G and on G^-1 = L^-T L^-1 (l x l matrix-vector products, ~0.3 ms at
+    l = 266 in the pipeline, against ~4 ms for the orthonormalization itself). The min/max
+    ratio of L's diagonal, the tiers' test, underestimates cond(Y) of a Gaussian sketch 5-10x
+    (1.9 against 15 for the first sketch of the 2048 x 2048 benchmark matrix); the power
+    estimate is 7% low there (14.0). Both are lower bounds, so the larger one is returned.
+    """
+    # Deterministic starts weighted towards the large columns of Y (diag G) and, for G^-1,
+    # towards the columns that Cholesky found weakest (diag L^-1 = 1 / diag L).
+    x = np.diagonal(G).copy()
+    y = np.diagonal(Linv) ** 2
+    for _ in range(_COND_POWER_STEPS):
+        x = G @ x
+        y = (Linv @ y) @ Linv  # L^-T L^-1 y, as a row vector
+        x *= 1.0 / np.sqrt(x @ x)
+        y *= 1.0 / np.sqrt(y @ y)
+    w = Linv @ y
+    big = float(x @ (G @ x))  # Rayleigh quotients: <= lambda_max(G), <= 1 / lambda_min(G)
+    small_inv = float(w @ w)
+    d = np.diagonal(Linv)
+    diag = float(d.max() / d.min())
+    if not (big > 0.0 and small_inv > 0.0 and np.isfinite(big * small_inv)):
+        return float(np.sqrt(max(big, 0.0))), np.inf
+    return float(np.sqrt(big)), max(float(np.sqrt(big * small_inv)), diag)
+
+
+def _orthonormalize(Y: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """Well-conditioned basis Q of range(Y) for the next power-iteration product, ||Y||, cond(Y).
 
     Cholesky-QR, Q = Y L^-T with L L^T = Y^T Y: one syrk, an l x l Cholesky and triangular
     inverse, one thin GEMM. Householder QR of the same 2048 x 266 float32 block costs about
@@ -297,16 +410,20 @@ def _orthonormalize(Y: np.ndarray) -> np.ndarray:
     randomized_svd spends most of its time outside the products with W.
     Tiers: float32 Gram (fastest) -> float64 Gram (mixed precision, for cond(Y) up to ~1e6)
     -> Householder (zero or rank-deficient Y, or spectra falling by more than ~1e6 across the
-    sketch).
+    sketch). The estimates of ||Y||_2 and cond(Y) (:func:`_spectrum_estimate`; after
+    Householder 1.0 and inf) tell the caller whether, and at which scale, the next
+    normalization may be skipped.
     """
     if Y.dtype == np.float32:
-        Linv, _ = _cholesky_inverse((Y.T @ Y).astype(np.float64), _FAST_GRAM_MIN_RATIO)
+        G = (Y.T @ Y).astype(np.float64)
+        Linv, _ = _cholesky_inverse(G, _FAST_GRAM_MIN_RATIO)
         if Linv is not None:
-            return Y @ Linv.T.astype(np.float32)
-    Linv, _ = _cholesky_inverse(_gram64(Y), _CHOLQR_MIN_RATIO)
+            return (_times_upper(Y, Linv.T.astype(np.float32)), *_spectrum_estimate(G, Linv))
+    G = _gram64(Y)
+    Linv, _ = _cholesky_inverse(G, _CHOLQR_MIN_RATIO)
     if Linv is not None:
-        return Y @ Linv.T.astype(Y.dtype)
-    return _householder(Y)
+        return (_times_upper(Y, Linv.T.astype(Y.dtype)), *_spectrum_estimate(G, Linv))
+    return _householder(Y), 1.0, np.inf
 
 
 def _final_basis(Y: np.ndarray, *, allow_fused: bool) -> tuple[np.ndarray, np.ndarray | None]:
@@ -314,21 +431,22 @@ def _final_basis(Y: np.ndarray, *, allow_fused: bool) -> tuple[np.ndarray, np.nd
 
     T is None when X itself is orthonormal. The final basis must be orthonormal to working
     precision (Q Q^T W is the approximation), not just well-conditioned:
-    - fused (float32, cond(Y) <~ 100): X = Y, T = L^-T from the float64 Gram; Q is never
+    - fused (float32, cond(Y) <~ 1e4): X = Y, T = L^-T from the float64 Gram; Q is never
       formed, T is folded into the small l x l problem and the two final thin GEMMs;
     - CholeskyQR2: a second pass on the first pass's Q restores orthogonality to eps;
     - Householder QR when Cholesky-QR is rejected.
     """
-    Linv, ratio = _cholesky_inverse(_gram64(Y), _FINAL_MIN_RATIO[Y.dtype])
+    G = _gram64(Y)
+    Linv, ratio = _cholesky_inverse(G, _FINAL_MIN_RATIO[Y.dtype])
     if Linv is None:
         return _householder(Y), None
-    if allow_fused and ratio > _FUSED_MIN_RATIO:
+    if allow_fused and (ratio > _FUSED_MIN_RATIO or _spectrum_estimate(G, Linv)[1] <= _FUSED_MAX_COND):
         return Y, Linv.T
-    Q1 = Y @ Linv.T.astype(Y.dtype)
+    Q1 = _times_upper(Y, Linv.T.astype(Y.dtype))
     Linv2, _ = _cholesky_inverse(_gram64(Q1), _SECOND_PASS_MIN_RATIO)
     if Linv2 is None:
         return _householder(Y), None
-    return Q1 @ Linv2.T.astype(Y.dtype), None
+    return _times_upper(Q1, Linv2.T.astype(Y.dtype)), None
 
 
 # --------------------------------------------------------------------------------------------
@@ -365,9 +483,13 @@ def _rsi_core(
     seed: int | None,
     out: np.dtype,
     comp: np.dtype,
+    magnitude: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
-    """:func:`_rsi_unscaled` on ``W`` brought to a safe range by an exact power of two."""
-    peak = float(np.max(np.abs(W))) if W.size else 0.0
+    """:func:`_rsi_unscaled` on ``W`` brought to a safe range by an exact power of two.
+
+    ``magnitude`` is :func:`_finite_magnitude`'s answer when the caller has it already.
+    """
+    peak = _finite_magnitude(W) if magnitude is None else magnitude
     if peak == 0.0 or not np.isfinite(peak) or abs(np.log2(peak)) <= _SAFE_EXPONENT:
         return _rsi_unscaled(W, rank, power_iters, oversample, seed, out, comp)
     e = -int(np.round(np.log2(peak)))  # W * 2^e has its largest entry near 1
@@ -406,10 +528,32 @@ def _rsi_unscaled(
     Wc = _prepare(W, comp)
     rng = np.random.default_rng(seed)
     Y = Wc @ _gaussian(rng, (n, ell), comp)
+    # One power iteration applies W W^T. Its input is always orthonormalized (HMT 2011,
+    # Section 4.5: unnormalized iterations collapse the float32 columns onto the dominant
+    # singular vector). The normalization between W^T and W is skipped when W W^T spreads the
+    # sketch by at most _SKIP_MAX_COND, so that float32 still resolves the weakest direction of
+    # the unnormalized product to ~eps32 * 1e4 ~ 1e-3; the next normalization (or the final
+    # basis) takes over from there. The spread is estimated from the orthonormalized input:
+    # cond(Y)^2 while Y = W @ (orthonormal or Gaussian), cond(Y) itself once Y = W W^T @
+    # (orthonormal). The first estimate can be low (up to 31x in the measurements) where a
+    # flat tail of the spectrum fills the weakest columns of W Omega; the directions that lose
+    # digits are then tail directions, which do not enter the rank-r error (measured: errors
+    # equal to those of the every-product scheme within 6e-9 relative on 68 matrix and rank
+    # cases; see docs/performance.md).
+    squared = True
     for _ in range(power_iters):
-        # Re-orthonormalize after every product: unnormalized iterations would collapse the
-        # float32 columns onto the dominant singular vector (HMT 2011, Section 4.5).
-        Z = _orthonormalize(Wc.T @ _orthonormalize(Y))
+        Q, norm, cond = _orthonormalize(Y)
+        Z = Wc.T @ Q
+        exposed = cond * cond if squared else cond
+        if exposed <= _SKIP_MAX_COND:
+            # Unnormalized, W W^T Q would carry ||W||^2: its float32 Gram matrix overflows
+            # for ||W|| >~ 1e9 (and underflows for tiny W). 1 / ||Y|| ~ 1 / ||W|| keeps the
+            # product at the scale of W, as a normalization would.
+            Z *= Z.dtype.type(1.0 / norm)
+            squared = False
+        else:
+            Z = _orthonormalize(Z)[0]
+            squared = True
         Y = Wc @ Z
     fused = comp == np.float32
     X, T = _final_basis(Y, allow_fused=fused)
@@ -429,7 +573,8 @@ def _rsi_unscaled(
     # float32 data carries, and it is ~8x faster than an SVD of the ell x n block.
     H = _gram64(Bt)
     if T is not None:
-        H = T.T @ H @ T
+        # T^T H T = (H T)^T T for symmetric H: two products with the upper-triangular T.
+        H = _times_upper(_times_upper(H, T).T, T)
     _, V = np.linalg.eigh(H)  # ascending eigenvalues
     V = V[:, ::-1][:, :rank]  # eigenvectors of the top `rank` eigenvalues, descending
     M = V if T is None else T @ V  # Q @ V = X @ M: left singular vectors of Q Q^T W
@@ -448,7 +593,8 @@ def _rsi_unscaled(
     np.divide(1.0, root, out=inv_root, where=root > 0.0)
     # A = U S^1/2 = X M S^1/2 and B = S^1/2 V^T = S^-1/2 C.
     A = X @ (M * root).astype(np.float32)
-    B = C * inv_root.astype(np.float32)[:, None]
+    C *= inv_root.astype(np.float32)[:, None]  # in place: C is not needed any more
+    B = C
     return A.astype(out, copy=False), B.astype(out, copy=False), s, "rsi" if power_iters else "rsvd"
 
 
@@ -507,17 +653,22 @@ def rsi(
 
     Notes
     -----
-    Algorithm 4.4 of HMT 2011 (randomized subspace iteration) with the basis
-    re-orthonormalized after *every* product with W or W^T (without it, float32 rounding
-    collapses the sketch onto the dominant singular vectors), then Algorithm 5.1: the SVD of
-    the small ``Q^T W`` gives the factors.
+    Algorithm 4.4 of HMT 2011 (randomized subspace iteration), then Algorithm 5.1: the SVD of
+    the small ``Q^T W`` gives the factors. Without normalization, float32 rounding collapses
+    the sketch onto the dominant singular vectors, so the input of every power iteration
+    (one application of W W^T) is orthonormalized. The normalization between W^T and W
+    inside an iteration is skipped only while W W^T spreads the sketch by less than 1e4
+    (estimated from the condition number of the sketch), where float32 still keeps >= 3
+    digits in the weakest direction; steeper spectra (e.g. sigma_i = i^-1 at rank 128, or
+    i^-3) are orthonormalized after *every* product with W or W^T.
 
     Speed: the cost is dominated by the 2q + 2 products of W with a thin matrix, which are
     done in the input's precision without copying or transposing W. The orthonormalizations
-    use Cholesky-QR with the Gram matrix in float64 (a second pass for the final basis),
-    falling back to Householder QR when the block is too ill-conditioned (zero, rank
-    deficient or fast decaying spectra). The small SVD uses the float64 Gram matrix for
-    float32 data and LAPACK's SVD for float64 data. See docs/performance.md.
+    use Cholesky-QR with the Gram matrix in float32 or float64 (a second pass or an implicit
+    basis for the final one), falling back to Householder QR when the block is too
+    ill-conditioned (zero, rank deficient or fast decaying spectra). The small SVD uses the
+    float64 Gram matrix for float32 data and LAPACK's SVD for float64 data. See
+    docs/performance.md.
 
     Accuracy measured on 2048 x 2048 float32 with sigma_i = i^-0.5, rank 256, p = 10: the
     Frobenius error is ~1.01x the Eckart-Young optimum at q = 2 (1.25x at q = 0), the
@@ -529,12 +680,13 @@ def rsi(
     probabilistic algorithms for constructing approximate matrix decompositions",
     SIAM Review 53(2), 217-288, 2011. Algorithms 4.4 and 5.1.
     """
-    arr = _as_matrix(W)
+    arr = _as_matrix(W, check_finite=False)
+    magnitude = _finite_magnitude(arr)  # also the finiteness check
     rank = _check_rank(rank)
     power_iters = _check_nonneg_int(power_iters, "power_iters")
     oversample = _check_nonneg_int(oversample, "oversample")
     out, comp = _dtypes(arr, compute_dtype)
-    A, B, _, _ = _rsi_core(arr, rank, power_iters, oversample, seed, out, comp)
+    A, B, _, _ = _rsi_core(arr, rank, power_iters, oversample, seed, out, comp, magnitude)
     return A, B
 
 
@@ -655,7 +807,8 @@ def factorize(
     ----------
     N. Halko, P.-G. Martinsson, J. A. Tropp, SIAM Review 53(2), 2011.
     """
-    arr = _as_matrix(W)
+    arr = _as_matrix(W, check_finite=False)
+    magnitude = _finite_magnitude(arr)  # also the finiteness check
     rank = _check_rank(rank)
     power_iters = _check_nonneg_int(power_iters, "power_iters")
     oversample = _check_nonneg_int(oversample, "oversample")
@@ -665,7 +818,7 @@ def factorize(
         used = "svd"
     elif method in ("rsi", "rsvd"):
         q = power_iters if method == "rsi" else 0
-        A, B, s, used = _rsi_core(arr, rank, q, oversample, seed, out, comp)
+        A, B, s, used = _rsi_core(arr, rank, q, oversample, seed, out, comp, magnitude)
     else:
         raise ValueError(f"method must be one of 'rsi', 'rsvd', 'svd', got {method!r}")
     return Factorization(a=A, b=B, singular_values=np.asarray(s, dtype=np.float64), method=used)
