@@ -215,15 +215,11 @@ def efficientnet_pooled_data() -> tuple[dict[str, np.ndarray], dict[str, Any], s
     """
     from models import efficientnet
 
-    images, labels = model_data.photo_crops(efficientnet.IMAGE_SIZE, per_image=8,
-                                            sources=model_data.PHOTO_SOURCES)
-    order = np.random.default_rng(0).permutation(len(images))
-    k = int(round(len(images) * POOL_CALIBRATION_FRACTION))
-    calib = {efficientnet.INPUT_NAME: efficientnet.preprocess(images[order[:k]])}
-    inputs = {efficientnet.INPUT_NAME: efficientnet.preprocess(images[order[k:]]),
-              "labels": [labels[i] for i in order[k:]]}
-    desc = (f"{len(images)} crops (8 positions/scales) of all {len(images) // 8} registry photos, split at "
-            f"random: {k} for calibration, {len(images) - k} held out")
+    calib, inputs = efficientnet.pooled_split(POOL_CALIBRATION_FRACTION)
+    calib = {efficientnet.INPUT_NAME: calib[efficientnet.INPUT_NAME]}
+    n, k = len(calib[efficientnet.INPUT_NAME]) + len(inputs["labels"]), len(calib[efficientnet.INPUT_NAME])
+    desc = (f"{n} crops (8 positions/scales) of all {n // 8} registry photos, split at "
+            f"random: {k} for calibration, {n - k} held out")
     return calib, inputs, desc
 
 
@@ -1076,7 +1072,7 @@ def model_section(m: dict[str, Any]) -> list[str]:
         L.extend(_table(header, rows))
         L.append("")
     sw = m["measured_sweep"]
-    L.append(f"### Measured allocation, budget sweep")
+    L.append("### Measured allocation, budget sweep")
     L.append("")
     L.append(f"Sensitivity table: {sw['layers']} layers, {sw['trials']} trials (each layer alone at 7 candidate "
              f"ranks, output loss on the held-out 20% of the calibration samples), {sw['sensitivity_s']:.1f} s including calibration "

@@ -16,12 +16,11 @@ Metrics (:func:`score`): top-1 agreement with the original model and mean top-5 
 (|top5_a & top5_b| / 5) on square crops of the photos bundled with scikit-learn and
 scikit-image (no labels exist for them, so agreement with the original is the task metric).
 
-Run ``python -m models.efficientnet`` to build (cached under ``<cache>/models/efficientnet_lite0/``).
+Run ``python -m models.registry build efficientnet_lite0`` to build (cached under ``<cache>/models/efficientnet_lite0/``).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -135,6 +134,21 @@ def load_inputs(*, per_image: int = 6) -> dict[str, Any]:
     return {INPUT_NAME: preprocess(images), "labels": labels}
 
 
+def pooled_split(fraction: float = 0.6, *, seed: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Calibration / held-out inputs from one pool: the 8 crops of every bundled photo, split at random.
+
+    Both parts come from the same photos (the setting of a user who calibrates on a sample of
+    the inputs the model will see). Returns ``(calibration, held_out)`` in the layout of
+    :func:`load_inputs`.
+    """
+    images, labels = data.photo_crops(IMAGE_SIZE, per_image=8)
+    order = np.random.default_rng(seed).permutation(len(images))
+    k = int(round(len(images) * fraction))
+    x = preprocess(images)
+    return ({INPUT_NAME: x[order[:k]], "labels": [labels[i] for i in order[:k]]},
+            {INPUT_NAME: x[order[k:]], "labels": [labels[i] for i in order[k:]]})
+
+
 def _session(path: str | os.PathLike[str], threads: int = 1):
     import onnxruntime as ort
 
@@ -169,20 +183,3 @@ def score(reference: dict[str, Any], test: dict[str, Any], inputs: dict[str, Any
         "top5_overlap": float(np.mean(overlap)),
         "mean_kl": float(np.mean(kl)),
     }
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m models.efficientnet", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--force", action="store_true", help="re-export even if cached")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    path = build(force=args.force)
-    inputs = load_inputs()
-    out = evaluate(path, inputs)
-    print(path)
-    print(json.dumps(score(out, out, inputs), indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -16,12 +16,11 @@ Metrics (:func:`score`): Spearman correlation of embedding cosine with human rat
 WordSim353, SimLex-999 and the Lee-50 documents (upper triangle of the 50 x 50 matrix), and
 the mean cosine between original and compressed embeddings of 200 held-out news sentences.
 
-Run ``python -m models.minilm`` to build (cached under ``<cache>/models/minilm/``).
+Run ``python -m models.registry build minilm`` to build (cached under ``<cache>/models/minilm/``).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -294,20 +293,3 @@ def score(reference: dict[str, Any], test: dict[str, Any], inputs: dict[str, Any
     result["heldout_cosine"] = float(np.mean(cos))
     result["heldout_cosine_min"] = float(np.min(cos))
     return result
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m models.minilm", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--force", action="store_true", help="re-export even if cached")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    path = build(force=args.force)
-    inputs = load_inputs()
-    outputs = evaluate(path, inputs)
-    print(path)
-    print(json.dumps(score(outputs, outputs, inputs), indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -144,21 +144,18 @@ def _optimize(
         model = load_model(model_or_path, lazy=True)
         size_before = model_file_size(model_or_path)
         base_dir = str(Path(model_or_path).resolve().parent)
-        if lazy is None:
+        chosen = lazy is None
+        if chosen:
             lazy = external_data_bytes(model_or_path) > LAZY_THRESHOLD
-            if lazy and in_memory_modes and config.allocation == "auto" and config.max_error is None:
-                # The probes would load the model; its weights stay on disk instead.
-                allocation, in_memory_modes = "energy", False
-                logger.warning("the model's weights stay on disk (over %d MiB): using --allocation energy, not "
-                               "weighted", LAZY_THRESHOLD >> 20)
-            # Below the threshold the weights are read one at a time all the same, and the ones
-            # left unchanged read in at the end: the weights replaced by factors are never held.
-            read_back = not lazy and not in_memory_modes
+        if lazy and in_memory_modes and config.allocation == "auto" and config.max_error is None:
+            # The weighted allocation's probes would load the model; its weights stay on disk.
+            allocation, in_memory_modes = "energy", False
+            logger.warning("the model's weights stay on disk: using --allocation energy, not weighted")
+        # Below the threshold the weights are read one at a time all the same, and the ones left
+        # unchanged read in at the end: the weights replaced by factors are never held.
+        read_back = chosen and not lazy and not in_memory_modes
         if not lazy and not read_back:
             model, base_dir = load_model(model_or_path), None
-        elif lazy and in_memory_modes and config.allocation == "auto" and config.max_error is None:
-            allocation, in_memory_modes = "energy", False
-            logger.warning("lazy=True keeps the weights on disk: using --allocation energy, not weighted")
         elif lazy and in_memory_modes:
             raise ConfigError(f"{'--max-error' if config.max_error is not None else '--allocation ' + allocation} runs "
                               "the model in memory, which this model is too large for (its weights are read from disk "

