@@ -49,8 +49,6 @@ class PassState:
     macs: dict[str, int] | None = None
     shapes: dict[str, list[int | None]] | None = None
     whiteners: dict[Any, Any] = field(default_factory=dict)
-    #: The few-calibration-rows warning was given (the pass runs once per trial of a search).
-    warned_thin: bool = False
     #: Measured output sensitivity per node label (``--allocation weighted``), or ``None``.
     layer_weights: dict[str, float] | None = None
     #: Directory of a model whose external data was not loaded (read weight by weight).
@@ -95,14 +93,15 @@ def attach_whiteners(
     groups: dict[Any, list[Candidate]] = defaultdict(list)
     for _, cand in supported:
         groups[cand.share_key].append(cand)
-    thin: list[str] = []
+    thin: list[str] = []  # layers whose whitener is new in this run: warned about once per state
     for members in groups.values():
         # Nodes sharing a weight share its factors: the output error to minimize is the sum of
         # theirs, whose Gram matrix is the sum of their Gram matrices.
         cache_key = (members[0].share_key, mode, config.whiten_eps)
         keys = {(c.activation, c.feature_key) for c in members}
         whitener = state.whiteners.get(cache_key)
-        if whitener is None:
+        new = whitener is None
+        if new:
             gram = sum(state.stats.grams[k] for k in keys)
             whitener = state.whiteners[cache_key] = make_whitener(gram, mode, eps=config.whiten_eps)
         rows = sum(state.stats.rows.get(k, 0) for k in keys)
@@ -117,9 +116,9 @@ def attach_whiteners(
                 # EfficientNet-Lite0's classifier: 0.0002 on the calibration crops, 0.42 on others).
                 cand.note = join_notes(cand.note, f"calibration gave {rows} input rows for {features} features: "
                                                   "its whitened error is optimistic; give more samples")
-                thin.append(cand.label)
-    if thin and not state.warned_thin:
-        state.warned_thin = True
+                if new:
+                    thin.append(cand.label)
+    if thin:
         logger.warning("%d layer(s) got fewer calibration rows than input features (e.g. %s): whitening may not "
                        "carry over to other inputs; give more calibration samples", len(thin), thin[0])
 
