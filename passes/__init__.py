@@ -304,8 +304,7 @@ def run_job(job: FactorJob) -> JobResult:
     """Factorize one weight and measure its errors (pure: safe in threads and remote workers)."""
     start = time.perf_counter()
     cand, rank = job.candidate, job.rank
-    cand.hold()  # a lazily loaded weight is read once for all that follows, then dropped
-    try:
+    with cand.held():  # a lazily loaded weight is read once for all that follows, then dropped
         full = None
         factors = cand.truncate(job.cached, rank) if job.cached is not None else None
         if factors is None:
@@ -316,8 +315,6 @@ def run_job(job: FactorJob) -> JobResult:
         result = JobResult(factors, cand.relative_error(factors), cand.whitened_error(factors),
                            cand.optimal_error(rank), full=full if job.target != rank else None,
                            seconds=time.perf_counter() - start)
-    finally:
-        cand.release()
     logger.debug("%s: rank %d in %.3fs", job.label, rank, result.seconds)
     return result
 

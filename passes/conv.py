@@ -60,8 +60,9 @@ networks for fast and low power mobile applications", ICLR 2016.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -272,25 +273,40 @@ class ConvCandidate(Candidate):
         node: onnx.NodeProto,
         label: str,
         weight: ConstantWeight,
-        matrix: np.ndarray,
         geometry: ConvGeometry,
         *,
         note: str | None = None,
         fallback_from: str | None = None,
     ) -> None:
         g = geometry.group
-        super().__init__(node, label, weight, matrix, view=f"conv:{type(self).__name__}:g{g}")
-        w = weight.value
+        view = type(self).matrix_view
+        if weight.lazy:
+            # Read from disk when factorized, then dropped: planning holds no weight.
+            matrix: Any = functools.partial(_view_of, weight, view)
+        else:
+            matrix = view(weight.value)
+        super().__init__(node, label, weight, matrix, view=f"conv:{type(self).__name__}:g{g}",
+                         shape=type(self).matrix_shape(weight.shape))
         self.geometry = geometry
         self.groups = g
-        self.out_channels = int(w.shape[0])  # M
-        self.in_per_group = int(w.shape[1])  # C/g
+        self.weight_shape = tuple(weight.shape)  # [M, C/g, k...]
+        self.out_channels = int(weight.shape[0])  # M
+        self.in_per_group = int(weight.shape[1])  # C/g
         self.out_per_group = self.out_channels // g  # M/g
-        self.kernel_size = int(math.prod(w.shape[2:]))
+        self.kernel_size = int(math.prod(weight.shape[2:]))
         self.note = note
         if fallback_from:
             self.scheme = f"{type(self).scheme} (fallback from {fallback_from})"
-        self._stored_weight = w  # the original layout, for the per-group views
+
+    @staticmethod
+    def matrix_view(w: np.ndarray) -> np.ndarray:
+        """The scheme's matrix view of a weight ``[M, C/g, k...]``."""
+        raise NotImplementedError
+
+    @staticmethod
+    def matrix_shape(shape: Sequence[int]) -> tuple[int, int]:
+        """The shape of :meth:`matrix_view` for a weight of ``shape`` (without reading it)."""
+        raise NotImplementedError
 
     @property
     def default_multiple_of(self) -> int:
@@ -345,17 +361,22 @@ class ConvCandidate(Candidate):
 class _TwoFactorCandidate(ConvCandidate):
     """A scheme with two nodes and per-group factors ``W_j ~= A_j @ B_j`` of column blocks."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        cols = self.matrix.shape[1] // self.groups
-        self.blocks = [self.matrix[:, j * cols:(j + 1) * cols] for j in range(self.groups)]
+    @property
+    def block_shape(self) -> tuple[int, int]:
+        """One group's column block of the matrix view."""
+        return self.shape[0], self.shape[1] // self.groups
+
+    def blocks(self, matrix: np.ndarray) -> list[np.ndarray]:
+        """The groups' column blocks (views) of ``matrix``, the held matrix view."""
+        cols = self.block_shape[1]
+        return [matrix[:, j * cols:(j + 1) * cols] for j in range(self.groups)]
 
     @property
     def max_rank(self) -> int:
-        return min(self.blocks[0].shape)
+        return min(self.block_shape)
 
     def factored_params(self, rank: int) -> int:
-        k, n = self.blocks[0].shape
+        k, n = self.block_shape
         return self.groups * rank * (k + n)
 
     def spectrum(self, k: int) -> tuple[np.ndarray, float]:
@@ -368,21 +389,23 @@ class _TwoFactorCandidate(ConvCandidate):
         want = min(max(k, 1), self.max_rank)
         if self._spectrum is None or len(self._spectrum[0]) < want:
             energy = np.zeros(want)
-            for block in self.blocks:
-                s2 = linalg.squared_singular_values(block, want)
-                energy[: len(s2)] += s2
-            total = float(np.sum(np.square(self.matrix, dtype=np.float64)))
+            with self.held() as matrix:
+                for block in self.blocks(matrix):
+                    s2 = linalg.squared_singular_values(block, want)
+                    energy[: len(s2)] += s2
+                total = float(np.sum(np.square(matrix, dtype=np.float64)))
             self._spectrum = (np.sqrt(energy), total)
         return self._spectrum
 
     def factorize(self, rank: int, config: LowRankConfig) -> ConvFactors:
         a, b, s = [], [], []
-        for block in self.blocks:
-            f = linalg.factorize(block, rank, method=config.method, power_iters=config.power_iters,
-                                 oversample=config.oversample, seed=config.seed)
-            a.append(f.a)
-            b.append(f.b)
-            s.append(f.singular_values)
+        with self.held() as matrix:
+            for block in self.blocks(matrix):
+                f = linalg.factorize(block, rank, method=config.method, power_iters=config.power_iters,
+                                     oversample=config.oversample, seed=config.seed)
+                a.append(f.a)
+                b.append(f.b)
+                s.append(f.singular_values)
         return ConvFactors(a, b, s)
 
     def truncate(self, factors: Any, rank: int) -> ConvFactors | None:
@@ -395,10 +418,12 @@ class _TwoFactorCandidate(ConvCandidate):
     def relative_error(self, factors: ConvFactors) -> float:
         """``||W - A B||_F / ||W||_F`` over all groups (the groups' residuals add up)."""
         num = 0.0
-        for block, a, b in zip(self.blocks, factors.a, factors.b):
-            residual = block.astype(np.float64) - a.astype(np.float64) @ b.astype(np.float64)
-            num += float(np.sum(np.square(residual)))
-        den = float(np.sum(np.square(self.matrix, dtype=np.float64)))
+        with self.held() as matrix:
+            for block, a, b in zip(self.blocks(matrix), factors.a, factors.b):
+                residual = a.astype(np.float64) @ b.astype(np.float64)
+                residual -= block  # in place: one float64 temporary per group
+                num += float(np.einsum("ij,ij->", residual, residual))
+            den = float(np.sum(np.square(matrix, dtype=np.float64)))
         if den == 0.0:
             return 0.0 if num == 0.0 else float("inf")
         return math.sqrt(num / den)
@@ -430,10 +455,13 @@ class WeightSVDCandidate(_TwoFactorCandidate):
 
     scheme = "weight-svd"
 
-    def __init__(self, node: onnx.NodeProto, label: str, weight: ConstantWeight, geometry: ConvGeometry,
-                 **kwargs: Any) -> None:
-        w = weight.value
-        super().__init__(node, label, weight, w.reshape(w.shape[0], -1).T, geometry, **kwargs)
+    @staticmethod
+    def matrix_view(w: np.ndarray) -> np.ndarray:
+        return w.reshape(w.shape[0], -1).T
+
+    @staticmethod
+    def matrix_shape(shape: Sequence[int]) -> tuple[int, int]:
+        return math.prod(shape[1:]), shape[0]
 
     # -- calibration: whitening by the input patches (group 1; grouped convs stay data-free) --
     @property
@@ -462,7 +490,7 @@ class WeightSVDCandidate(_TwoFactorCandidate):
 
     def _kernels(self, factors: ConvFactors) -> tuple[np.ndarray, np.ndarray]:
         r = factors.rank
-        k = self._stored_weight.shape[2:]
+        k = self.weight_shape[2:]
         first = np.concatenate([a.T.reshape(r, self.in_per_group, *k) for a in factors.a], axis=0)
         second = np.concatenate([b.T for b in factors.b], axis=0)  # [M, r]
         return first, second.reshape(self.out_channels, r, *([1] * len(k)))
@@ -486,16 +514,19 @@ class SpatialSVDCandidate(_TwoFactorCandidate):
 
     scheme = "spatial-svd"
 
-    def __init__(self, node: onnx.NodeProto, label: str, weight: ConstantWeight, geometry: ConvGeometry,
-                 **kwargs: Any) -> None:
-        w = weight.value
+    @staticmethod
+    def matrix_view(w: np.ndarray) -> np.ndarray:
         m, cg, kh, kw = w.shape
-        matrix = w.transpose(1, 2, 0, 3).reshape(cg * kh, m * kw)
-        super().__init__(node, label, weight, matrix, geometry, **kwargs)
+        return w.transpose(1, 2, 0, 3).reshape(cg * kh, m * kw)
+
+    @staticmethod
+    def matrix_shape(shape: Sequence[int]) -> tuple[int, int]:
+        m, cg, kh, kw = shape
+        return cg * kh, m * kw
 
     def _kernels(self, factors: ConvFactors) -> tuple[np.ndarray, np.ndarray]:
         r = factors.rank
-        _, cg, kh, kw = self._stored_weight.shape
+        _, cg, kh, kw = self.weight_shape
         mg = self.out_per_group
         first = np.concatenate([a.T.reshape(r, cg, kh, 1) for a in factors.a], axis=0)
         second = np.concatenate(
@@ -535,16 +566,19 @@ class Tucker2Candidate(ConvCandidate):
 
     scheme = "tucker2"
 
-    def __init__(self, node: onnx.NodeProto, label: str, weight: ConstantWeight, geometry: ConvGeometry,
-                 **kwargs: Any) -> None:
-        w = weight.value
-        matrix = np.swapaxes(w, 0, 1).reshape(w.shape[1], -1)
-        super().__init__(node, label, weight, matrix, geometry, **kwargs)
-        compute = self.matrix.dtype
-        g, mg, cg = self.groups, self.out_per_group, self.in_per_group
-        self.group_weights = [
-            np.asarray(w[j * mg:(j + 1) * mg], dtype=compute).reshape(mg, cg, self.kernel_size) for j in range(g)
-        ]
+    @staticmethod
+    def matrix_view(w: np.ndarray) -> np.ndarray:
+        return np.swapaxes(w, 0, 1).reshape(w.shape[1], -1)
+
+    @staticmethod
+    def matrix_shape(shape: Sequence[int]) -> tuple[int, int]:
+        return shape[1], shape[0] * math.prod(shape[2:])
+
+    def group_weights(self, matrix: np.ndarray) -> list[np.ndarray]:
+        """Each group's weight ``[M/g, C/g, prod(k)]`` as a view of ``matrix``, the held view."""
+        mg = self.out_per_group
+        w = np.swapaxes(matrix.reshape(self.in_per_group, self.out_channels, self.kernel_size), 0, 1)
+        return [w[j * mg:(j + 1) * mg] for j in range(self.groups)]
 
     @property
     def mode_ranks(self) -> tuple[int, int]:
@@ -567,8 +601,7 @@ class Tucker2Candidate(ConvCandidate):
         return self.groups * (self.in_per_group * r_in + r_in * r_out * self.kernel_size
                               + r_out * self.out_per_group)
 
-    def _unfoldings(self, j: int) -> tuple[np.ndarray, np.ndarray]:
-        wj = self.group_weights[j]
+    def _unfoldings(self, wj: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         mode_in = np.swapaxes(wj, 0, 1).reshape(self.in_per_group, -1)
         mode_out = wj.reshape(self.out_per_group, -1)
         return mode_in, mode_out
@@ -577,13 +610,14 @@ class Tucker2Candidate(ConvCandidate):
         want = min(max(k, 1), self.max_rank)
         if self._spectrum is None or len(self._spectrum[0]) < want:
             kept = []
-            for mode in (0, 1):
-                energy = np.zeros(want)
-                for j in range(self.groups):
-                    s2 = linalg.squared_singular_values(self._unfoldings(j)[mode], want)
-                    energy[: len(s2)] += s2
-                kept.append(np.cumsum(energy))
-            total = float(np.sum(np.square(self.matrix, dtype=np.float64)))
+            with self.held() as matrix:
+                for mode in (0, 1):
+                    energy = np.zeros(want)
+                    for wj in self.group_weights(matrix):
+                        s2 = linalg.squared_singular_values(self._unfoldings(wj)[mode], want)
+                        energy[: len(s2)] += s2
+                    kept.append(np.cumsum(energy))
+                total = float(np.sum(np.square(matrix, dtype=np.float64)))
             both = np.minimum(np.minimum(kept[0], kept[1]), total)
             steps = np.clip(np.diff(both, prepend=0.0), 0.0, None)
             self._spectrum = (np.sqrt(steps), total)
@@ -593,15 +627,15 @@ class Tucker2Candidate(ConvCandidate):
         """HOSVD on the two channel modes (each by the configured method), core by projection."""
         r_in, r_out = self.ranks(rank)
         u_in, core, u_out = [], [], []
-        for j in range(self.groups):
-            mode_in, mode_out = self._unfoldings(j)
-            ui = self._basis(mode_in, r_in, config)
-            uo = self._basis(mode_out, r_out, config)
-            wj = self.group_weights[j].astype(np.float64)
-            c = np.einsum("mo,mck,ci->oik", uo, wj, ui, optimize=True)
-            u_in.append(ui.astype(self.matrix.dtype))
-            u_out.append(uo.astype(self.matrix.dtype))
-            core.append(c.astype(self.matrix.dtype))
+        with self.held() as matrix:
+            for wj in self.group_weights(matrix):
+                mode_in, mode_out = self._unfoldings(wj)
+                ui = self._basis(mode_in, r_in, config)
+                uo = self._basis(mode_out, r_out, config)
+                c = np.einsum("mo,mck,ci->oik", uo, wj.astype(np.float64), ui, optimize=True)
+                u_in.append(ui.astype(matrix.dtype))
+                u_out.append(uo.astype(matrix.dtype))
+                core.append(c.astype(matrix.dtype))
         return TuckerFactors(u_in, core, u_out)
 
     @staticmethod
@@ -616,11 +650,13 @@ class Tucker2Candidate(ConvCandidate):
 
     def relative_error(self, factors: TuckerFactors) -> float:
         num = 0.0
-        for j in range(self.groups):
-            ui, c, uo = (x.astype(np.float64) for x in (factors.u_in[j], factors.core[j], factors.u_out[j]))
-            approx = np.einsum("mo,oik,ci->mck", uo, c, ui, optimize=True)
-            num += float(np.sum(np.square(self.group_weights[j].astype(np.float64) - approx)))
-        den = float(np.sum(np.square(self.matrix, dtype=np.float64)))
+        with self.held() as matrix:
+            for j, wj in enumerate(self.group_weights(matrix)):
+                ui, c, uo = (x.astype(np.float64) for x in (factors.u_in[j], factors.core[j], factors.u_out[j]))
+                approx = np.einsum("mo,oik,ci->mck", uo, c, ui, optimize=True)
+                approx -= wj  # in place: one float64 temporary per group
+                num += float(np.einsum("mck,mck->", approx, approx))
+            den = float(np.sum(np.square(matrix, dtype=np.float64)))
         if den == 0.0:
             return 0.0 if num == 0.0 else float("inf")
         return math.sqrt(num / den)
@@ -628,7 +664,7 @@ class Tucker2Candidate(ConvCandidate):
     def rewrite(self, ctx: GraphContext, factors: TuckerFactors, names: dict[str, str]) -> Rewrite:
         d = self.geometry.ndim
         ones = [1] * d
-        k = self._stored_weight.shape[2:]
+        k = self.weight_shape[2:]
         r_in, r_out = factors.u_in[0].shape[1], factors.u_out[0].shape[1]
         arrays = {
             "a": np.concatenate([u.T for u in factors.u_in], axis=0).reshape(-1, self.in_per_group, *ones),
@@ -670,30 +706,30 @@ def match_conv(node: onnx.NodeProto, label: str, ctx: GraphContext, config: LowR
         return ctx.why_not_constant(node.input[1])
     if ctx.constant(node.input[0]) is not None:
         return "both inputs are constants (constant-foldable): left alone"
-    w = weight.value
-    if w.ndim < 3:
-        return f"weight {weight.name!r} has shape {list(w.shape)}; a Conv weight is [M, C/group, k1, ...]"
-    reason = check_weight(weight, ndim=w.ndim)
+    shape = weight.shape  # known without reading a lazily loaded weight
+    if len(shape) < 3:
+        return f"weight {weight.name!r} has shape {list(shape)}; a Conv weight is [M, C/group, k1, ...]"
+    reason = check_weight(weight, ndim=len(shape))
     if reason:
         return reason
-    if w.size == 0:
-        return f"weight {weight.name!r} is empty {list(w.shape)}"
-    geometry = ConvGeometry.of(node, w.shape[2:])
+    if weight.size == 0:
+        return f"weight {weight.name!r} is empty {list(shape)}"
+    geometry = ConvGeometry.of(node, shape[2:])
     declared = attr(node, "kernel_shape", None)
-    if declared is not None and tuple(int(k) for k in declared) != tuple(w.shape[2:]):
-        return f"kernel_shape {list(declared)} disagrees with weight {weight.name!r} {list(w.shape)}"
+    if declared is not None and tuple(int(k) for k in declared) != tuple(shape[2:]):
+        return f"kernel_shape {list(declared)} disagrees with weight {weight.name!r} {list(shape)}"
     problem = geometry.problem()
     if problem:
         return problem
     g = geometry.group
-    if g < 1 or w.shape[0] % g:
-        return f"{w.shape[0]} output channels are not divisible by group={g}"
+    if g < 1 or shape[0] % g:
+        return f"{shape[0]} output channels are not divisible by group={g}"
 
     scheme, note = _scheme_for(config.conv_scheme, geometry)
     classes = {"weight-svd": WeightSVDCandidate, "spatial-svd": SpatialSVDCandidate, "tucker2": Tucker2Candidate}
     fallback = config.conv_scheme if scheme != config.conv_scheme else None
     cand = classes[scheme](node, label, weight, geometry, note=note, fallback_from=fallback)
-    if g > 1 and w.shape[1] == 1 and cand.factored_params(1) >= cand.params_before:
+    if g > 1 and shape[1] == 1 and cand.factored_params(1) >= cand.params_before:
         return DEPTHWISE_REASON
     return cand
 
@@ -714,3 +750,8 @@ def _scheme_for(requested: str, geometry: ConvGeometry) -> tuple[str, str | None
 def _known(shape: Sequence[Any] | None, ndim: int) -> bool:
     return (shape is not None and len(shape) == ndim
             and all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s > 0 for s in shape))
+
+
+def _view_of(weight: ConstantWeight, view: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """A lazily loaded weight's matrix view, read now (picklable for remote workers)."""
+    return view(weight.value)

@@ -8,6 +8,7 @@ selection, factorization, sharing factors between nodes and cleanup.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections import defaultdict
@@ -291,6 +292,7 @@ class Candidate:
             self._matrix_loader = None
             self._matrix = np.ascontiguousarray(matrix, dtype=self._compute)
             self._shape = self._matrix.shape
+        self._holds = 0
         self.view = view
         self._spectrum: tuple[np.ndarray, float] | None = None
         self.whitener: Whitener | None = None
@@ -341,15 +343,26 @@ class Candidate:
         return self._matrix
 
     def hold(self) -> np.ndarray:
-        """Load a lazy matrix and keep it until :meth:`release` (for a run of computations)."""
+        """Load a lazy matrix and keep it until the matching :meth:`release` (holds nest)."""
         if self._matrix is None:
             self._matrix = self.matrix
+        self._holds += 1
         return self._matrix
 
     def release(self) -> None:
-        """Drop a lazily loaded matrix (in-memory models keep theirs)."""
-        if self._matrix_loader is not None:
+        """Drop a lazily loaded matrix when its last hold ends (in-memory models keep theirs)."""
+        self._holds = max(self._holds - 1, 0)
+        if self._matrix_loader is not None and self._holds == 0:
             self._matrix = None
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[np.ndarray]:
+        """``with cand.held() as matrix``: the matrix, read from disk at most once inside."""
+        matrix = self.hold()
+        try:
+            yield matrix
+        finally:
+            self.release()
 
     @property
     def shape(self) -> tuple[int, int]:
