@@ -93,7 +93,7 @@ class _Spectrum:
         self.custom = type(cand).spectrum is not Candidate.spectrum
         self.exact = cand.max_rank <= exact_limit
         self.values = np.zeros(0)
-        self.total = float(np.sum(np.square(cand.matrix, dtype=np.float64)))
+        self.total = linalg.squared_frobenius_norm(cand.matrix)
 
     @property
     def estimated(self) -> bool:

@@ -16,8 +16,9 @@ import logging
 import os
 import re
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,7 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from onnx_lowrank.config import LowRankConfig
+from onnx_lowrank.heap import release_free_memory
 from onnx_lowrank.ranks import break_even_rank
 from onnx_lowrank.report import LayerResult
 
@@ -127,6 +129,7 @@ def apply_lowrank(
     if rewrites:
         _splice(model, rewrites)
         _remove_orphans(model, [cand for cand, _, _ in selected])
+        release_free_memory()  # the factor arrays, now copied into the model
     _tick(state, "rewrite", clock)
     return rows
 
@@ -231,12 +234,17 @@ def _factorize_all(
             target = max(rank, break_even_rank(cand.params_before, cand.factored_params, cand.max_rank) - 1)
         jobs_list.append(FactorJob(cand, rank, target, config, cached, label))
 
+    # Largest weights first: the long jobs do not end up alone on one core at the end, and the
+    # largest temporaries come before the factors of the other weights pile up. Results are put
+    # back in graph order; each job is computed alike in any order (one BLAS thread each).
+    order = sorted(range(len(jobs_list)), key=lambda i: -_job_cost(jobs_list[i]))
+    ordered = [jobs_list[i] for i in order]
     bar = tqdm(total=len(jobs_list), desc="factorizing", unit="weight", disable=not progress, leave=False)
-    results: list[JobResult] = []
+    done: list[JobResult] = []
     if config.dask:
         from onnx_lowrank.distributed import run_jobs
 
-        results = run_jobs(config.dask, jobs_list, progress=bar.update)
+        done = run_jobs(config.dask, ordered, progress=bar.update)
     else:
         jobs = config.jobs or os.cpu_count() or 1
         # One BLAS thread per job, always: OpenBLAS results can depend on its thread count (seen
@@ -244,19 +252,26 @@ def _factorize_all(
         # one thread per job is what makes the output byte-identical for every --jobs. numpy
         # releases the GIL in BLAS/LAPACK, so the jobs' threads do run in parallel.
         with threadpool_limits(limits=1), ThreadPoolExecutor(max_workers=max(1, min(jobs, len(jobs_list)))) as pool:
-            for result in pool.map(run_job, jobs_list):
-                results.append(result)
+            for result in pool.map(run_job, ordered):
+                done.append(result)
                 bar.update(1)
     bar.close()
+    results: list[JobResult] = [done[k] for k in np.argsort(order, kind="stable")]
+    del done, ordered
     for job, result in zip(jobs_list, results):
         if result.full is not None:
             state.factors[job.candidate.share_key] = result.full
     computed = {key: (r.factors, r.rel_error, r.whitened_error, r.optimal_error, {}) for key, r in zip(unique, results)}
 
     del results, jobs_list  # the factors live on in ``computed`` and then in the rewrites only
+    uses = Counter((cand.share_key, rank) for cand, rank, _ in selected)
     rewrites: dict[int, Rewrite] = {}
     for cand, rank, row in selected:
-        factors, rel_error, whitened_error, optimal_error, names = computed[(cand.share_key, rank)]
+        key = (cand.share_key, rank)
+        factors, rel_error, whitened_error, optimal_error, names = computed[key]
+        uses[key] -= 1
+        if not uses[key]:
+            del computed[key]  # its last node: the factors live on in this rewrite's kernels only
         if names:
             logger.info("%s shares weight %r: reusing its factors", row.node, cand.weight.name)
         rewrites[id(cand.node)] = cand.rewrite(ctx, factors, names)
@@ -276,6 +291,12 @@ def _factorize_all(
         elif row.macs_before is not None and row.params_before:
             row.macs_after = cand.macs_after(rank, row.macs_before)
     return rewrites
+
+
+def _job_cost(job: FactorJob) -> int:
+    """Relative cost of a job: m n min(m, n), the order of its exact spectrum's flops."""
+    m, n = job.candidate.shape
+    return m * n * min(m, n)
 
 
 @dataclass
@@ -305,6 +326,9 @@ def run_job(job: FactorJob) -> JobResult:
     start = time.perf_counter()
     cand, rank = job.candidate, job.rank
     with cand.held():  # a lazily loaded weight is read once for all that follows, then dropped
+        # The optimum first: its exact spectrum (a float64 Gram matrix and eigvalsh's copy of
+        # it) is the largest temporary of a job, best taken before the factors exist.
+        optimal_error = cand.optimal_error(rank)
         full = None
         factors = cand.truncate(job.cached, rank) if job.cached is not None else None
         if factors is None:
@@ -313,10 +337,14 @@ def run_job(job: FactorJob) -> JobResult:
             if factors is None:  # this scheme's factors cannot be truncated: factorize at the rank
                 full, factors = None, cand.factorize(rank, job.config)
         result = JobResult(factors, cand.relative_error(factors), cand.whitened_error(factors),
-                           cand.optimal_error(rank), full=full if job.target != rank else None,
+                           optimal_error, full=full if job.target != rank else None,
                            seconds=time.perf_counter() - start)
+    release_free_memory()  # the job's temporaries, kept resident by glibc otherwise
     logger.debug("%s: rank %d in %.3fs", job.label, rank, result.seconds)
     return result
+
+
+_TRIM_EVERY_BYTES = 4 << 20
 
 
 def _splice(model: onnx.ModelProto, rewrites: dict[int, Rewrite]) -> None:
@@ -325,6 +353,7 @@ def _splice(model: onnx.ModelProto, rewrites: dict[int, Rewrite]) -> None:
     graph = model.graph
     nodes: list[onnx.NodeProto] = []
     added: list[onnx.TensorProto] = []
+    freed = 0
     for node in graph.node:
         rewrite = rewrites.get(id(node))
         if rewrite is None:
@@ -335,7 +364,13 @@ def _splice(model: onnx.ModelProto, rewrites: dict[int, Rewrite]) -> None:
             name, array = rewrite.initializers.pop(0)
             graph.initializer.append(numpy_helper.from_array(array, name))
             added.append(graph.initializer[-1])
+            freed += array.nbytes
             del array
+            if freed > _TRIM_EVERY_BYTES:
+                # The arrays were allocated by the jobs' threads, the model's copies are not:
+                # without this the memory freed here cannot serve the copies made next.
+                release_free_memory()
+                freed = 0
     del graph.node[:]
     graph.node.extend(nodes)
     if model.ir_version < 4:  # IR < 4 requires every initializer to be a graph input as well

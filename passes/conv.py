@@ -393,7 +393,7 @@ class _TwoFactorCandidate(ConvCandidate):
                 for block in self.blocks(matrix):
                     s2 = linalg.squared_singular_values(block, want)
                     energy[: len(s2)] += s2
-                total = float(np.sum(np.square(matrix, dtype=np.float64)))
+                total = linalg.squared_frobenius_norm(matrix)
             self._spectrum = (np.sqrt(energy), total)
         return self._spectrum
 
@@ -423,7 +423,7 @@ class _TwoFactorCandidate(ConvCandidate):
                 residual = a.astype(np.float64) @ b.astype(np.float64)
                 residual -= block  # in place: one float64 temporary per group
                 num += float(np.einsum("ij,ij->", residual, residual))
-            den = float(np.sum(np.square(matrix, dtype=np.float64)))
+            den = linalg.squared_frobenius_norm(matrix)
         if den == 0.0:
             return 0.0 if num == 0.0 else float("inf")
         return math.sqrt(num / den)
@@ -617,7 +617,7 @@ class Tucker2Candidate(ConvCandidate):
                         s2 = linalg.squared_singular_values(self._unfoldings(wj)[mode], want)
                         energy[: len(s2)] += s2
                     kept.append(np.cumsum(energy))
-                total = float(np.sum(np.square(matrix, dtype=np.float64)))
+                total = linalg.squared_frobenius_norm(matrix)
             both = np.minimum(np.minimum(kept[0], kept[1]), total)
             steps = np.clip(np.diff(both, prepend=0.0), 0.0, None)
             self._spectrum = (np.sqrt(steps), total)
@@ -656,7 +656,7 @@ class Tucker2Candidate(ConvCandidate):
                 approx = np.einsum("mo,oik,ci->mck", uo, c, ui, optimize=True)
                 approx -= wj  # in place: one float64 temporary per group
                 num += float(np.einsum("mck,mck->", approx, approx))
-            den = float(np.sum(np.square(matrix, dtype=np.float64)))
+            den = linalg.squared_frobenius_norm(matrix)
         if den == 0.0:
             return 0.0 if num == 0.0 else float("inf")
         return math.sqrt(num / den)

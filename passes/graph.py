@@ -396,7 +396,7 @@ class Candidate:
             # the layer's output on that data, which is what ranks should preserve.
             matrix = self.matrix
             target = matrix if self.whitener is None else self.whitener.apply(matrix, self.side)
-            total = float(np.sum(np.square(target, dtype=np.float64)))
+            total = linalg.squared_frobenius_norm(target)
             sigma = np.sqrt(linalg.squared_singular_values(target, min(max(k, 1), self.max_rank)))
             self._spectrum = (np.asarray(sigma, dtype=np.float64), total)
         return self._spectrum

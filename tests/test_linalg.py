@@ -486,3 +486,22 @@ def test_linalg_imports_no_onnx_or_scipy():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gaussian_test_matrix_is_standard_normal_and_deterministic(dtype):
+    # The sketch's test matrix: moments and quantiles of N(0, 1), independent halves (the
+    # Box-Muller pairs are split across them), identical for the same seed.
+    G = linalg._gaussian(np.random.default_rng(7), (1001, 301), np.dtype(dtype))
+    assert G.shape == (1001, 301) and G.dtype == dtype and np.all(np.isfinite(G))
+    x = G.ravel().astype(np.float64)
+    assert abs(x.mean()) < 0.01 and abs(x.std() - 1.0) < 0.01
+    assert abs(np.mean(x**4) - 3.0) < 0.05  # kurtosis of a normal
+    for q, z in ((0.025, -1.959964), (0.5, 0.0), (0.975, 1.959964)):
+        assert abs(np.quantile(x, q) - z) < 0.02
+    half = (x.size + 1) // 2
+    assert abs(np.corrcoef(x[: x.size // 2], x[half : half + x.size // 2])[0, 1]) < 0.01
+    again = linalg._gaussian(np.random.default_rng(7), (1001, 301), np.dtype(dtype))
+    assert np.array_equal(G, again)
+    other = linalg._gaussian(np.random.default_rng(8), (1001, 301), np.dtype(dtype))
+    assert not np.array_equal(G, other)
