@@ -13,24 +13,20 @@ lower mmap threshold would bound the growth too, but it made ``optimize`` 30-50%
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
-import logging
 from typing import Any
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["release_free_memory"]
 
 
 @functools.lru_cache(maxsize=1)
 def _malloc_trim() -> Any:
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
+    """glibc's ``malloc_trim``, or ``None`` elsewhere (macOS, musl, Windows: nothing to do)."""
     try:
-        return ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError):  # not glibc (macOS, musl, Windows): nothing to do
+        # The symbols already loaded into this process (the C library among them): no search
+        # of the library path (ctypes.util.find_library would run ldconfig from a job thread).
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError, TypeError):
         return None
 
 

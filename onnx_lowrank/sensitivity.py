@@ -197,19 +197,25 @@ class _TrialModels:
     def __init__(self, model: onnx.ModelProto, state: PassState) -> None:
         self.model = model
         self.state = state
-        self.spilled = SpilledWeights(model)
+        self.spilled: SpilledWeights | None = None
+        try:
+            self.spilled = SpilledWeights(model)
+        except OSError as exc:
+            logger.warning("cannot spill the weights to a temporary file (%s): each trial copies the model", exc)
 
     def __enter__(self) -> _TrialModels:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.spilled.close()
+        if self.spilled is not None:
+            self.spilled.close()
 
     def session(self, config: LowRankConfig, calibration: Mapping[str, np.ndarray],
                 input_shapes: Mapping[str, Any] | None, ranks: dict[str, int]) -> Any:
-        directory = self.spilled.directory
+        directory = self.spilled.directory if self.spilled is not None else None
         trial = onnx.ModelProto()
-        trial.CopyFrom(self.spilled.model if directory is not None else self.model)
+        # Without a spill directory, SpilledWeights holds a whole copy: trials copy that one.
+        trial.CopyFrom(self.spilled.model if self.spilled is not None else self.model)
         base_dir = self.state.base_dir
         self.state.base_dir = directory if directory is not None else base_dir  # where the weights are read
         try:

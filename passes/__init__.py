@@ -237,7 +237,8 @@ def _factorize_all(
     # Largest weights first: the long jobs do not end up alone on one core at the end, and the
     # largest temporaries come before the factors of the other weights pile up. Results are put
     # back in graph order; each job is computed alike in any order (one BLAS thread each).
-    order = sorted(range(len(jobs_list)), key=lambda i: -_job_cost(jobs_list[i]))
+    costs = [_job_cost(job) for job in jobs_list]
+    order = sorted(range(len(jobs_list)), key=lambda i: -costs[i])
     ordered = [jobs_list[i] for i in order]
     bar = tqdm(total=len(jobs_list), desc="factorizing", unit="weight", disable=not progress, leave=False)
     done: list[JobResult] = []

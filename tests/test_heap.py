@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 
 import pytest
+
+from onnx_lowrank import heap
 
 SCRIPT = r"""
 import numpy as np
@@ -26,7 +29,8 @@ print(before - freed, before - rss_mib())
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or heap._malloc_trim() is None,
+                    reason="glibc's allocator and malloc_trim")
 def test_release_free_memory_returns_freed_heap_pages():
     # glibc's defaults: any MALLOC_* variable (dask sets MALLOC_TRIM_THRESHOLD_ when imported)
     # turns off the growing mmap threshold that this test relies on.

@@ -505,3 +505,33 @@ def test_gaussian_test_matrix_is_standard_normal_and_deterministic(dtype):
     assert np.array_equal(G, again)
     other = linalg._gaussian(np.random.default_rng(8), (1001, 301), np.dtype(dtype))
     assert not np.array_equal(G, other)
+
+
+@pytest.mark.parametrize("shape", [(700, 600), (600, 700), (130, 4100), (64, 5000), (2100, 20)])
+def test_blocked_error_measures_and_spectra_equal_float64_references(shape, monkeypatch):
+    # Several blocks of rows (the residual's blocks of 2 MiB, the Gram matrix's of >= n rows):
+    # the results equal one float64 computation of the whole matrix.
+    monkeypatch.setattr(linalg, "_RESIDUAL_BLOCK_ELEMENTS", 1 << 14)  # many blocks even here
+    monkeypatch.setattr(linalg, "_MIN_BLOCK_ROWS", 7)
+    rng = np.random.default_rng(sum(shape))
+    W = rng.standard_normal(shape).astype(np.float32)
+    r = min(shape) // 3
+    A, B = rng.standard_normal((shape[0], r)).astype(np.float32), rng.standard_normal((r, shape[1])).astype(np.float32)
+    W64 = W.astype(np.float64)
+    residual = W64 - A.astype(np.float64) @ B.astype(np.float64)
+    assert linalg.relative_frobenius_error(W, A, B) == pytest.approx(np.linalg.norm(residual) / np.linalg.norm(W64),
+                                                                       rel=1e-12)
+    assert linalg.relative_spectral_error(W, A, B) == pytest.approx(
+        np.linalg.norm(residual, 2) / np.linalg.norm(W64, 2), rel=1e-10)
+    exact = np.linalg.svd(W64, compute_uv=False) ** 2
+    got = linalg.squared_singular_values(W, min(shape))
+    np.testing.assert_allclose(got, exact, rtol=0, atol=1e-12 * exact[0])
+    assert linalg.squared_frobenius_norm(W) == pytest.approx(float(np.sum(W64**2)), rel=1e-13)
+
+
+def test_squared_frobenius_norm_of_any_array():
+    rng = np.random.default_rng(5)
+    for x in (rng.standard_normal((3, 4, 5)), rng.standard_normal(7).astype(np.float16),
+              rng.standard_normal((40, 30)).astype(np.float32).T, np.float32(3.0), np.zeros((0, 4))):
+        assert linalg.squared_frobenius_norm(x) == pytest.approx(float(np.sum(np.asarray(x, np.float64) ** 2)),
+                                                                 rel=1e-6)
