@@ -816,7 +816,8 @@ LIMITATIONS: list[str] = [
     "- **Timings are noisy**: the machine was shared with other jobs (load average 3-8 on 2 cores during the "
     "run), e.g. the same EfficientNet calibration took 7-35 s. Sensitivity tables dominate: MiniLM's 252 "
     "trials copied and reloaded the 86 MiB model each time (since then, each trial loads a weightless skeleton "
-    "next to the spilled weights: MiniLM's 72 weighted probes went from 60 s to 33 s).",
+    "next to the spilled weights, and onnxruntime runs them with two threads: MiniLM's 72 weighted probes "
+    "went from 60 s to 26 s).",
 ]
 
 

@@ -308,7 +308,7 @@ def _search_budget(
     from . import harness
 
     limit = float(config.max_error)  # type: ignore[arg-type]
-    reference = harness.run_samples(harness.create_session(model), validation)
+    reference = harness.run_samples(harness.create_session(model, threads=harness.accuracy_threads()), validation)
     steps: list[dict[str, float]] = []
 
     def evaluate(fraction: float) -> tuple[onnx.ModelProto, list, float]:
@@ -322,7 +322,7 @@ def _search_budget(
             fixed, _ = allocate_measured(table, fraction)
         rows = apply_lowrank(trial, cfg, calibration=calibration, input_shapes=shapes, state=state,
                              fixed_ranks=fixed, progress=progress and not steps)
-        outputs = harness.run_samples(harness.create_session(trial), validation)
+        outputs = harness.run_samples(harness.create_session(trial, threads=harness.accuracy_threads()), validation)
         error = harness.max_error(harness.compare_outputs(reference, outputs))
         steps.append({"target_params": round(fraction, 6), "error": float(error)})
         logger.info("budget %.4f: held-out error %.4g", fraction, error)

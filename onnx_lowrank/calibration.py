@@ -10,7 +10,6 @@ is one ``K x K`` Gram per distinct layer input plus one sample's activations.
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 import time
 from collections import defaultdict
@@ -25,7 +24,7 @@ import onnxruntime as ort
 from onnx import helper
 from tqdm.auto import tqdm
 
-from .harness import HarnessError, create_session
+from .harness import HarnessError, accuracy_threads, create_session
 from .model_io import ModelError
 
 __all__ = ["CalibrationStats", "collect_grams", "split_samples", "sample_count"]
@@ -176,7 +175,7 @@ def _session_with_outputs(
     del augmented
     try:
         # Exposed intermediate outputs survive graph optimization, so "all" is safe and fast.
-        return create_session(str(path), threads=min(2, os.cpu_count() or 1), record_assignment=False)
+        return create_session(str(path), threads=accuracy_threads(), record_assignment=False)
     except HarnessError as exc:
         raise ModelError(f"calibration: {exc}") from None
 

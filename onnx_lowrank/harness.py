@@ -56,6 +56,7 @@ __all__ = [
     "InputSpec",
     "NEAR_ZERO_RMS",
     "OPT_LEVELS",
+    "accuracy_threads",
     "compare_models",
     "compare_outputs",
     "convert_to_ort",
@@ -592,6 +593,17 @@ def _model_source(model: ModelLike) -> str | bytes:
     if not os.path.isfile(path):
         raise InputError(f"model file not found: {path}")
     return path
+
+
+def accuracy_threads() -> int:
+    """onnxruntime threads for sessions that measure outputs, not time (calibration, probes).
+
+    Two where there are two cores: onnxruntime's CPU kernels split work by output rows, so the
+    outputs are the same bits for any thread count (checked for 1 to 4 threads on MiniLM-L6,
+    EfficientNet-Lite0 and the digits MLP), and two threads halve the probes' inference time
+    on MiniLM (1.1 -> 0.6 s per 16 sentences). More threads than that gained nothing here.
+    """
+    return min(2, os.cpu_count() or 1)
 
 
 def create_session(

@@ -125,7 +125,7 @@ def measure_sensitivity(
     source = evaluation if evaluation is not None else calibration
     n = harness.num_samples(source)
     evaluation = {k: v[: min(n, MAX_EVAL_SAMPLES)] for k, v in source.items()}
-    reference = harness.run_samples(harness.create_session(model), evaluation)
+    reference = harness.run_samples(harness.create_session(model, threads=harness.accuracy_threads()), evaluation)
     if flops and state.macs is None:
         state.macs, state.shapes = estimate_macs(model, input_shapes)
 
@@ -224,11 +224,11 @@ class _TrialModels:
         finally:
             self.state.base_dir = base_dir
         if directory is None:
-            return harness.create_session(trial)
+            return harness.create_session(trial, threads=harness.accuracy_threads())
         path = os.path.join(directory, "trial.onnx")
         with open(path, "wb") as f:
             f.write(trial.SerializeToString())
-        return harness.create_session(path)
+        return harness.create_session(path, threads=harness.accuracy_threads())
 
 
 def allocate_measured(table: SensitivityTable, fraction: float) -> tuple[dict[str, int | None], float]:

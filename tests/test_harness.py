@@ -4,12 +4,14 @@ size, mobile checks."""
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from builders import DATA
 from onnx_lowrank import harness as H
 
 # --------------------------------------------------------------------------------------------
@@ -431,3 +433,15 @@ def test_mobile_usability_reports_partitions(tmp_path):
     # dynamic shapes: the fixed-shape verdict is reported next to the as-is one
     d = H.mobile_usability(mlp(tmp_path / "m.onnx"))["nnapi"]
     assert d["verdict"] == "NO" and d["verdict_with_fixed_shapes"] == "YES"
+
+
+def test_accuracy_sessions_give_the_same_bits_for_any_thread_count():
+    # Calibration and the allocation's probes run onnxruntime with accuracy_threads(): that is
+    # only sound while the outputs do not depend on the thread count.
+    from onnx_lowrank.harness import accuracy_threads, create_session, run_samples
+
+    assert accuracy_threads() == min(2, os.cpu_count() or 1)
+    pixels = np.load(DATA / "digits_heldout.npz")["pixels"][:512].reshape(16, 32, 64)  # batches of 32 rows
+    outputs = [run_samples(create_session(DATA / "digits_mlp.onnx", threads=t), {"pixels": pixels}) for t in (1, 2, 3)]
+    for other in outputs[1:]:
+        assert all(np.array_equal(a, b) for a, b in zip(outputs[0]["logits"], other["logits"]))
