@@ -307,41 +307,42 @@ def _search_budget(
     """
     from . import harness
 
+    from .trials import TrialModels
+
     limit = float(config.max_error)  # type: ignore[arg-type]
     reference = harness.run_samples(harness.create_session(model, threads=harness.accuracy_threads()), validation)
     steps: list[dict[str, float]] = []
 
     def evaluate(fraction: float) -> tuple[onnx.ModelProto, list, float]:
-        trial = onnx.ModelProto()
-        trial.CopyFrom(model)
         cfg = replace(config, max_error=None, target_params=fraction)
         fixed = None
         if table is not None:
             from .sensitivity import allocate_measured
 
             fixed, _ = allocate_measured(table, fraction)
-        rows = apply_lowrank(trial, cfg, calibration=calibration, input_shapes=shapes, state=state,
-                             fixed_ranks=fixed, progress=progress and not steps)
-        outputs = harness.run_samples(harness.create_session(trial, threads=harness.accuracy_threads()), validation)
+        trial, rows = trials.build(cfg, calibration, shapes, fixed, progress=progress and not steps)
+        outputs = harness.run_samples(trials.session(trial), validation)
         error = harness.max_error(harness.compare_outputs(reference, outputs))
         steps.append({"target_params": round(fraction, 6), "error": float(error)})
         logger.info("budget %.4f: held-out error %.4g", fraction, error)
         return trial, rows, error
 
-    lo, hi = 0.0, 1.0
-    best = None
-    for _ in range(7):
-        mid = (lo + hi) / 2
-        trial, rows, error = evaluate(mid)
-        if error <= limit:
-            hi, best = mid, (trial, rows, error)
-        else:
-            lo = mid
-    compressed = best is not None
-    if best is None:  # nothing below the limit except keeping every layer dense
-        best = evaluate(1.0)
-        logger.warning("no budget below 1 keeps the held-out error under %g: every layer is kept dense", limit)
-    trial, rows, error = best
+    with TrialModels(model, state) as trials:
+        lo, hi = 0.0, 1.0
+        best = None
+        for _ in range(7):
+            mid = (lo + hi) / 2
+            trial, rows, error = evaluate(mid)
+            if error <= limit:
+                hi, best = mid, (trial, rows, error)
+            else:
+                lo = mid
+        compressed = best is not None
+        if best is None:  # nothing below the limit except keeping every layer dense
+            best = evaluate(1.0)
+            logger.warning("no budget below 1 keeps the held-out error under %g: every layer is kept dense", limit)
+        trial, rows, error = best
+        trials.materialize(trial)  # its unchanged weights, back from the spill before it goes
     search = {"max_error": limit, "target_params": hi, "error": error, "steps": steps,
               "reached": error <= limit, "compressed": compressed}
     return trial, rows, search

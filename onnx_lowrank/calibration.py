@@ -25,7 +25,7 @@ from onnx import helper
 from tqdm.auto import tqdm
 
 from .harness import HarnessError, accuracy_threads, create_session
-from .model_io import ModelError
+from .model_io import ModelError, is_external
 
 __all__ = ["CalibrationStats", "collect_grams", "split_samples", "sample_count"]
 
@@ -161,8 +161,7 @@ def _session_with_outputs(
         if name not in present:
             augmented.graph.output.append(helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.FLOAT), None))
     path = tmp / "calibration.onnx"
-    external = {e.value for t in onnx.external_data_helper._get_all_tensors(augmented)
-                for e in t.external_data if e.key == "location"}
+    external = any(is_external(t) for t in onnx.external_data_helper._get_all_tensors(augmented))
     if external:
         # Weights still on disk: onnxruntime refuses data files outside the model's directory
         # (symbolic links included), so the copy run for calibration reads them in; calibration
@@ -170,7 +169,7 @@ def _session_with_outputs(
         if base_dir is None:
             raise ModelError("calibration needs the model's external data directory")
         onnx.external_data_helper.load_external_data_for_model(augmented, base_dir)
-    onnx.save_model(augmented, str(path), save_as_external_data=_large(augmented) or bool(external),
+    onnx.save_model(augmented, str(path), save_as_external_data=_large(augmented) or external,
                     all_tensors_to_one_file=True, location="calibration.onnx.data")
     del augmented
     try:

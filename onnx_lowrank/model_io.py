@@ -18,6 +18,7 @@ __all__ = [
     "ModelError",
     "load_model",
     "load_weights",
+    "is_external",
     "save_model",
     "SpilledWeights",
     "check_output_path",
@@ -111,19 +112,38 @@ def load_model(
 
 
 def _external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
-    return [
-        t
-        for t in onnx.external_data_helper._get_all_tensors(model)
-        if t.HasField("data_location") and t.data_location == onnx.TensorProto.EXTERNAL
-    ]
+    return [t for t in onnx.external_data_helper._get_all_tensors(model) if is_external(t)]
+
+
+def is_external(tensor: onnx.TensorProto) -> bool:
+    """Whether a tensor's data is in an external file (not loaded, or stored that way)."""
+    return tensor.HasField("data_location") and tensor.data_location == onnx.TensorProto.EXTERNAL
+
+
+def _extent(tensor: onnx.TensorProto) -> tuple[str, int, int]:
+    """``(location, offset, length)`` of an external tensor; length 0 means "to the end of the file"."""
+    try:
+        info = onnx.external_data_helper.ExternalDataInfo(tensor)
+    except ValueError as exc:  # negative offset or length
+        raise ModelError(f"tensor {tensor.name!r}: {exc}") from None
+    return info.location, info.offset or 0, info.length or 0
+
+
+def _refer(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    """Make ``tensor`` an external reference to ``length`` bytes of ``location`` at ``offset``
+    (onnx's ``set_external_data`` insists on the bytes being in the message still)."""
+    del tensor.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    tensor.data_location = onnx.TensorProto.EXTERNAL
 
 
 def _check_external_data(
     model: onnx.ModelProto, base_dir: Path, model_path: Path, *, skip_location: str | None = None
 ) -> None:
     for tensor in _external_tensors(model):
-        info = {entry.key: entry.value for entry in tensor.external_data}
-        location = info.get("location")
+        location, offset, length = _extent(tensor)
         if skip_location is not None and location == skip_location:
             continue  # a reference into the model file itself, made by the lazy loader
         if not location:
@@ -134,9 +154,7 @@ def _check_external_data(
                 f"{model_path}: external data file {location!r} of tensor {tensor.name!r} is "
                 f"missing; keep it next to the model (expected {data_path})"
             )
-        offset = int(info.get("offset", 0))
-        length = info.get("length")
-        if length is not None and offset + int(length) > data_path.stat().st_size:
+        if length and offset + length > data_path.stat().st_size:
             raise ModelError(
                 f"{model_path}: external data file {location!r} is shorter than tensor "
                 f"{tensor.name!r} needs (truncated copy?)"
@@ -181,9 +199,8 @@ def _tensor_bytes(model: onnx.ModelProto) -> int:
     """Bytes of the model's tensors, those still on disk included."""
     total = 0
     for tensor in onnx.external_data_helper._get_all_tensors(model):
-        if _is_external(tensor):
-            info = {e.key: e.value for e in tensor.external_data}
-            total += int(info.get("length", 0) or 0)
+        if is_external(tensor):
+            total += _extent(tensor)[2]
             continue
         # Not ByteSize(): upb computes it by serializing, twice the tensor in memory for a while.
         total += len(tensor.raw_data)
@@ -191,10 +208,6 @@ def _tensor_bytes(model: onnx.ModelProto) -> int:
         total += 8 * (len(tensor.float_data) + len(tensor.int64_data) + len(tensor.double_data))
         total += 4 * (len(tensor.int32_data))
     return total
-
-
-def _is_external(tensor: onnx.TensorProto) -> bool:
-    return tensor.HasField("data_location") and tensor.data_location == onnx.TensorProto.EXTERNAL
 
 
 def save_model(
@@ -242,7 +255,7 @@ def save_model(
     if external_data is None:
         # Tensors read lazily from inside a single-file input do not make the output external.
         foreign = any(source_dir is not None and (source_dir / location).resolve() != own
-                      for location in {_location(t) for t in on_disk})
+                      for location in {_extent(t)[0] for t in on_disk})
         external_data = foreign or _tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
     parent = out.parent if str(out.parent) else Path(".")
     written: list[Path] = []
@@ -252,7 +265,7 @@ def save_model(
             if on_disk and external_data:
                 assert source_dir is not None  # on_disk without input_path was refused above
                 location = out.name + ".data"
-                sources = {source_dir / _location(t) for t in on_disk}
+                sources = {source_dir / _extent(t)[0] for t in on_disk}
                 if (parent.resolve() / location) in {p.resolve() for p in sources}:
                     raise ModelError(f"{parent / location} is the input's external data file; choose another output name")
                 _write_streaming(model, Path(tmp), location, source_dir)
@@ -284,10 +297,6 @@ def save_model(
     return written
 
 
-def _location(tensor: onnx.TensorProto) -> str:
-    return next((e.value for e in tensor.external_data if e.key == "location"), "")
-
-
 def _replace_pair(tmp: Path, tmp_model: Path, out: Path, location: str) -> None:
     """Move a model and its data file into place so that no reader ever sees a mixed pair.
 
@@ -315,10 +324,7 @@ def external_data_bytes(path: str | os.PathLike[str]) -> int:
     except Exception:  # load_model reports unreadable files with a better message
         return 0
     total = 0
-    for tensor in _external_tensors(model):
-        info = {e.key: e.value for e in tensor.external_data}
-        total += int(info.get("length", 0) or 0)
-    return total
+    return sum(_extent(tensor)[2] for tensor in _external_tensors(model))
 
 
 def _write_streaming(model: onnx.ModelProto, tmp: Path, location: str, source_dir: Path) -> None:
@@ -327,12 +333,10 @@ def _write_streaming(model: onnx.ModelProto, tmp: Path, location: str, source_di
     tensors then refer to the new file. Memory stays at one chunk plus the message."""
     with open(tmp / location, "wb") as out:
         for tensor in onnx.external_data_helper._get_all_tensors(model):
-            external = tensor.HasField("data_location") and tensor.data_location == onnx.TensorProto.EXTERNAL
-            if external:
-                info = {e.key: e.value for e in tensor.external_data}
-                src = source_dir / info["location"]
-                offset = int(info.get("offset", 0) or 0)
-                length = int(info.get("length", 0) or 0) or (src.stat().st_size - offset)
+            if is_external(tensor):
+                name, offset, length = _extent(tensor)
+                src = source_dir / name
+                length = length or (src.stat().st_size - offset)
                 start = out.tell()
                 _copy_range(out, src, offset, length, tensor.name)
             elif tensor.HasField("raw_data"):
@@ -346,11 +350,7 @@ def _write_streaming(model: onnx.ModelProto, tmp: Path, location: str, source_di
                 tensor.ClearField("raw_data")
             else:
                 continue
-            del tensor.external_data[:]
-            for key, value in (("location", location), ("offset", str(start)), ("length", str(length))):
-                entry = tensor.external_data.add()
-                entry.key, entry.value = key, value
-            tensor.data_location = onnx.TensorProto.EXTERNAL
+            _refer(tensor, location, start, length)
         out.flush()
         os.fsync(out.fileno())
 
@@ -666,7 +666,7 @@ def _write_single_file(
     resolved: dict[str, Path] = {}  # location -> file (resolving costs system calls; models have thousands)
     plans: list[tuple[int, tuple]] = []  # (serialized size, how to write it) per initializer
     for tensor in graph.initializer:
-        if not _is_external(tensor):
+        if not is_external(tensor):
             if not tensor.HasField("raw_data"):  # typed fields (float_data, ...): small as a rule
                 plans.append((tensor.ByteSize(), ("memory",)))
                 continue
@@ -679,13 +679,11 @@ def _write_single_file(
             continue
         if source_dir is None:
             raise ModelError(f"tensor {tensor.name!r} is stored on disk; pass input_path to save it")
-        info = {e.key: e.value for e in tensor.external_data}
-        location = info.get("location", "")
+        location, offset, length = _extent(tensor)
         if location not in resolved:
             resolved[location] = (source_dir / location).resolve()
         src = resolved[location]
-        offset = int(info.get("offset", 0) or 0)
-        length = int(info.get("length", 0) or 0) or (src.stat().st_size - offset)
+        length = length or (src.stat().st_size - offset)
         if input_path is not None and src == input_path:
             if originals is None:
                 originals = _scan_file(input_path)
@@ -803,10 +801,7 @@ class SpilledWeights:
                 offset = out.tell()
                 out.write(raw)
                 self._had_location[offset] = copy.HasField("data_location")
-                for key, value in (("location", self._NAME), ("offset", str(offset)), ("length", str(len(raw)))):
-                    entry = copy.external_data.add()
-                    entry.key, entry.value = key, value
-                copy.data_location = onnx.TensorProto.EXTERNAL
+                _refer(copy, self._NAME, offset, len(raw))
                 del raw
         return model
 
@@ -845,7 +840,7 @@ def load_weights(model: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
     """
     own = Path(path).resolve()
     presence: dict[tuple[Path, int], bool] = {}
-    if any((own.parent / location).resolve() == own for location in {_location(t) for t in _external_tensors(model)}):
+    if any((own.parent / location).resolve() == own for location in {_extent(t)[0] for t in _external_tensors(model)}):
         presence = {(own, offset): layout.had_location for offset, layout in _scan_file(own).items()}
     _read_back(model, own.parent, presence)
 
@@ -854,23 +849,18 @@ def _read_back(model: onnx.ModelProto, base_dir: Path, presence: dict[tuple[Path
     """Read every external tensor into ``raw_data``; ``data_location`` is then set to DEFAULT
     (as onnx's loader does) unless ``presence`` says, by file and offset, it was not set."""
 
-    def size_of(tensor: onnx.TensorProto) -> int:
-        return int(next((e.value for e in tensor.external_data if e.key == "length"), 0) or 0)
-
     # Largest first: each read holds the tensor twice for a moment (the bytes read, and their
     # copy in the message), best done while the rest is not in memory yet.
     with ExitStack() as files:
         opened: dict[str, tuple[Path, BinaryIO]] = {}  # location -> (file, open file)
-        for tensor in sorted(_external_tensors(model), key=size_of, reverse=True):
-            info = {e.key: e.value for e in tensor.external_data}
-            location = info.get("location", "")
+        for tensor in sorted(_external_tensors(model), key=lambda t: _extent(t)[2], reverse=True):
+            location, offset, length = _extent(tensor)
             if location not in opened:
                 src = (base_dir / location).resolve()
                 opened[location] = (src, files.enter_context(open(src, "rb")))
             src, fh = opened[location]
-            offset = int(info.get("offset", 0) or 0)
             fh.seek(offset)
-            length = int(info.get("length", 0) or 0) or (os.fstat(fh.fileno()).st_size - offset)
+            length = length or (os.fstat(fh.fileno()).st_size - offset)
             data = fh.read(length)
             if len(data) != length:
                 raise ModelError(f"data file {src} is shorter than tensor {tensor.name!r} needs")

@@ -12,7 +12,6 @@ candidate rank) and one short onnxruntime evaluation per (layer, rank).
 from __future__ import annotations
 
 import logging
-import os
 import re
 import time
 from collections import defaultdict
@@ -26,10 +25,10 @@ from tqdm.auto import tqdm
 
 from . import harness
 from .config import LowRankConfig
-from .model_io import SpilledWeights
-from .passes import PassState, apply_lowrank, find_candidates
+from .passes import PassState, find_candidates
 from .passes.planning import attach_whiteners, estimate_macs
 from .ranks import break_even_rank
+from .trials import TrialModels
 
 __all__ = ["SensitivityTable", "LayerOptions", "measure_sensitivity", "allocate_measured", "layer_weights",
            "CANDIDATE_FRACTIONS", "PROBE_FRACTIONS"]
@@ -114,11 +113,9 @@ def measure_sensitivity(
     """
     start = time.perf_counter()
     flops = config.target_flops is not None
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    found = [(row, cand) for row, cand in find_candidates(probe, config) if cand is not None]
+    found = [(row, cand) for row, cand in find_candidates(model, config) if cand is not None]
     # Gram matrices of every layer in one calibration pass, before the per-layer trials.
-    attach_whiteners(probe, found, config, calibration, state, progress=progress)
+    attach_whiteners(model, found, config, calibration, state, progress=progress)
     groups: dict[Any, list] = defaultdict(list)
     for row, cand in found:
         groups[cand.share_key].append((row, cand))
@@ -139,7 +136,7 @@ def measure_sensitivity(
     bar = tqdm(total=total_trials, desc="measuring sensitivity", unit="trial", disable=not progress, leave=False)
     layers: list[LayerOptions] = []
     dense_total = 0.0
-    with _TrialModels(model, state) as trials:
+    with TrialModels(model, state) as trials:
         for key, members, be, ranks in jobs:
             layers.append(_measure_layer(trials, members, be, ranks, config, calibration, evaluation, reference,
                                          input_shapes, state, flops, bar))
@@ -150,7 +147,7 @@ def measure_sensitivity(
     return table
 
 
-def _measure_layer(trials: _TrialModels, members: list, be: int, ranks: list[int], config: LowRankConfig,
+def _measure_layer(trials: TrialModels, members: list, be: int, ranks: list[int], config: LowRankConfig,
                    calibration: Mapping[str, np.ndarray], evaluation: Mapping[str, np.ndarray],
                    reference: list[np.ndarray], input_shapes: Mapping[str, Any] | None, state: PassState,
                    flops: bool, bar: Any) -> LayerOptions:
@@ -168,8 +165,8 @@ def _measure_layer(trials: _TrialModels, members: list, be: int, ranks: list[int
     tails = [max(0.0, 1.0 - float(np.sum(energies[:rank])) / total) if total > 0 else 0.0 for rank in ranks]
     for rank in ranks:
         cfg = replace(config, include=tuple(f"^{re.escape(label)}$" for label in labels), latency="off")
-        session = trials.session(cfg, calibration, input_shapes, {label: rank for label in labels})
-        outputs = harness.run_samples(session, evaluation)
+        trial, _ = trials.build(cfg, calibration, input_shapes, {label: rank for label in labels})
+        outputs = harness.run_samples(trials.session(trial), evaluation)
         loss = harness.max_error(harness.compare_outputs(reference, outputs))
         options.append((rank, cand.factored_params(rank) * rows_per, float(loss)))
         bar.update(1)
@@ -181,54 +178,6 @@ def _measure_layer(trials: _TrialModels, members: list, be: int, ranks: list[int
         best = min(best, loss)
         monotone.append((rank, cost, best))
     return LayerOptions(labels, monotone, tails)
-
-
-class _TrialModels:
-    """The model with one layer factorized, as an onnxruntime session, trial after trial.
-
-    The weights are spilled once to a temporary file (:class:`~onnx_lowrank.model_io.SpilledWeights`):
-    each trial copies the weightless skeleton, factorizes its layer (reading that weight from the
-    file), and onnxruntime loads the trial from a path next to the weights. Copying, serializing
-    and parsing the whole model for every trial took 0.33 s of MiniLM's (86 MiB); this takes 0.03 s.
-    Models the spill cannot take (fields this onnx does not know, tensors already external) are
-    copied whole, as before.
-    """
-
-    def __init__(self, model: onnx.ModelProto, state: PassState) -> None:
-        self.model = model
-        self.state = state
-        self.spilled: SpilledWeights | None = None
-        try:
-            self.spilled = SpilledWeights(model)
-        except OSError as exc:
-            logger.warning("cannot spill the weights to a temporary file (%s): each trial copies the model", exc)
-
-    def __enter__(self) -> _TrialModels:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.spilled is not None:
-            self.spilled.close()
-
-    def session(self, config: LowRankConfig, calibration: Mapping[str, np.ndarray],
-                input_shapes: Mapping[str, Any] | None, ranks: dict[str, int]) -> Any:
-        directory = self.spilled.directory if self.spilled is not None else None
-        trial = onnx.ModelProto()
-        # Without a spill directory, SpilledWeights holds a whole copy: trials copy that one.
-        trial.CopyFrom(self.spilled.model if self.spilled is not None else self.model)
-        base_dir = self.state.base_dir
-        self.state.base_dir = directory if directory is not None else base_dir  # where the weights are read
-        try:
-            apply_lowrank(trial, config, calibration=calibration, input_shapes=input_shapes, state=self.state,
-                          fixed_ranks=ranks)
-        finally:
-            self.state.base_dir = base_dir
-        if directory is None:
-            return harness.create_session(trial, threads=harness.accuracy_threads())
-        path = os.path.join(directory, "trial.onnx")
-        with open(path, "wb") as f:
-            f.write(trial.SerializeToString())
-        return harness.create_session(path, threads=harness.accuracy_threads())
 
 
 def allocate_measured(table: SensitivityTable, fraction: float) -> tuple[dict[str, int | None], float]:

@@ -22,6 +22,7 @@ from onnx import helper, numpy_helper
 
 from onnx_lowrank import linalg
 from onnx_lowrank.config import LowRankConfig
+from onnx_lowrank.model_io import is_external
 from onnx_lowrank.whiten import Whitener
 
 __all__ = [
@@ -181,7 +182,7 @@ class GraphContext:
             if name in self.graph_inputs and not self.legacy_inputs:
                 return None  # an initializer that is also an input can be overridden at run time
             t = self.initializers[name]
-            if _is_external(t):
+            if is_external(t):
                 if self.base_dir is None:
                     return None  # data not loaded and nowhere to read it from
                 header = onnx.TensorProto()
@@ -472,10 +473,6 @@ class Candidate:
     def store(self, array: np.ndarray) -> np.ndarray:
         """Cast a factor to the weight's storage dtype (float16/bfloat16 weights stay half)."""
         return np.ascontiguousarray(array.astype(helper.tensor_dtype_to_np_dtype(self.weight.elem_type), copy=False))
-
-
-def _is_external(tensor: onnx.TensorProto) -> bool:
-    return tensor.HasField("data_location") and tensor.data_location == onnx.TensorProto.EXTERNAL
 
 
 def _read_external(header: onnx.TensorProto, base_dir: str) -> np.ndarray:

@@ -197,13 +197,14 @@ def test_auto_allocation_falls_back_to_energy_with_one_sample(caplog):
     assert "too few calibration samples to hold some out" in caplog.text
 
 
-def test_probe_trials_from_spilled_weights_measure_what_whole_copies_do(monkeypatch, tmp_path):
-    # The trials load a weightless skeleton next to a spilled weights file; the losses must be
-    # those of trials built from whole copies of the model (the fallback for models that cannot
-    # be spilled), and the spill must be gone afterwards.
+def test_trials_from_spilled_weights_measure_what_whole_copies_do(monkeypatch, tmp_path):
+    # The trials (probes, max-error search) load a weightless skeleton next to a spilled weights
+    # file; losses, search steps and the searched model must be those of trials built from whole
+    # copies of the model (the fallback for models that cannot be spilled), and the spill must be
+    # gone afterwards.
     import tempfile
 
-    from onnx_lowrank import model_io, sensitivity
+    from onnx_lowrank import model_io, trials
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the spill goes
     made = []
@@ -213,9 +214,15 @@ def test_probe_trials_from_spilled_weights_measure_what_whole_copies_do(monkeypa
             super().__init__(model, directory)
             made.append(self.directory)
 
-    monkeypatch.setattr(sensitivity, "SpilledWeights", Recorded)
-    _, spilled = optimize(MODEL, LowRankConfig(target_params=0.25, allocation="measured"), calibration=CALIB)
-    assert len(made) == 1 and made[0] is not None and made[0].startswith(str(tmp_path))
+    def run():
+        _, measured = optimize(MODEL, LowRankConfig(target_params=0.25, allocation="measured"), calibration=CALIB)
+        searched, search = optimize(MODEL, LowRankConfig(max_error=0.3, allocation="energy"), calibration=CALIB)
+        losses = [[o["loss"] for o in layer["options"]] for layer in measured.details["sensitivity"]["layers"]]
+        return losses, search.details["search"]["steps"], searched.SerializeToString()
+
+    monkeypatch.setattr(trials, "SpilledWeights", Recorded)
+    spilled = run()
+    assert len(made) == 2 and all(d is not None and d.startswith(str(tmp_path)) for d in made)
     assert not list(tmp_path.iterdir())
 
     class WholeCopy(model_io.SpilledWeights):
@@ -223,8 +230,10 @@ def test_probe_trials_from_spilled_weights_measure_what_whole_copies_do(monkeypa
             self._tmp, self.directory = None, None
             self.model = model
 
-    monkeypatch.setattr(sensitivity, "SpilledWeights", WholeCopy)
-    _, whole = optimize(MODEL, LowRankConfig(target_params=0.25, allocation="measured"), calibration=CALIB)
-    losses = [[o["loss"] for o in layer["options"]] for layer in spilled.details["sensitivity"]["layers"]]
-    assert losses == [[o["loss"] for o in layer["options"]] for layer in whole.details["sensitivity"]["layers"]]
+    monkeypatch.setattr(trials, "SpilledWeights", WholeCopy)
+    assert run() == spilled
+    losses, steps, searched = spilled
     assert len(losses) == 3 and all(len(options) >= 5 and options[0] > 0 for options in losses)
+    assert len(steps) == 7 and any(s["error"] <= 0.3 for s in steps) and any(s["error"] > 0.3 for s in steps)
+    # the searched model is self-contained: no weight refers to the removed spill
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in onnx.load_from_string(searched).graph.initializer)
