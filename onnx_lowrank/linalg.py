@@ -46,6 +46,7 @@ __all__ = [
     "rsvd",
     "singular_values",
     "squared_frobenius_norm",
+    "squared_residual_norm",
     "squared_singular_values",
     "svd",
 ]
@@ -978,6 +979,24 @@ def squared_frobenius_norm(W: Any) -> float:
     return float(np.einsum(f"{axes},{axes}->", arr, arr, dtype=np.float64))
 
 
+def squared_residual_norm(W: Any, A: Any, B: Any) -> float:
+    """``||W - A B||_F^2`` in float64, the residual formed ~2 MiB of rows at a time.
+
+    Parameters
+    ----------
+    W : array_like, shape (m, n)
+    A : array_like, shape (m, r)
+    B : array_like, shape (r, n)
+
+    Returns
+    -------
+    float
+    """
+    arr = _as_matrix(W)
+    A, B = _check_factors(arr, A, B)
+    return float(sum(np.einsum("ij,ij->", E, E) for E in _residual_row_blocks(arr, A, B)))
+
+
 def relative_frobenius_error(W: Any, A: Any, B: Any) -> float:
     """Relative Frobenius error ``||W - A B||_F / ||W||_F``, computed in float64.
 
@@ -998,10 +1017,7 @@ def relative_frobenius_error(W: Any, A: Any, B: Any) -> float:
     for any size of W.
     """
     arr = _as_matrix(W)
-    A, B = _check_factors(arr, A, B)
-    num = 0.0
-    for E in _residual_row_blocks(arr, A, B):
-        num += float(np.einsum("ij,ij->", E, E))
+    num = squared_residual_norm(arr, A, B)
     den = squared_frobenius_norm(arr)
     if den == 0.0:
         return 0.0 if num == 0.0 else float("inf")

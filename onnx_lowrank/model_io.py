@@ -323,7 +323,6 @@ def external_data_bytes(path: str | os.PathLike[str]) -> int:
         model = _read_header(Path(path))
     except Exception:  # load_model reports unreadable files with a better message
         return 0
-    total = 0
     return sum(_extent(tensor)[2] for tensor in _external_tensors(model))
 
 

@@ -420,9 +420,7 @@ class _TwoFactorCandidate(ConvCandidate):
         num = 0.0
         with self.held() as matrix:
             for block, a, b in zip(self.blocks(matrix), factors.a, factors.b):
-                residual = a.astype(np.float64) @ b.astype(np.float64)
-                residual -= block  # in place: one float64 temporary per group
-                num += float(np.einsum("ij,ij->", residual, residual))
+                num += linalg.squared_residual_norm(block, a, b)
             den = linalg.squared_frobenius_norm(matrix)
         if den == 0.0:
             return 0.0 if num == 0.0 else float("inf")
@@ -609,15 +607,14 @@ class Tucker2Candidate(ConvCandidate):
     def spectrum(self, k: int) -> tuple[np.ndarray, float]:
         want = min(max(k, 1), self.max_rank)
         if self._spectrum is None or len(self._spectrum[0]) < want:
-            kept = []
+            energies = np.zeros((2, want))  # per mode, summed over the groups
             with self.held() as matrix:
-                for mode in (0, 1):
-                    energy = np.zeros(want)
-                    for wj in self.group_weights(matrix):
-                        s2 = linalg.squared_singular_values(self._unfoldings(wj)[mode], want)
-                        energy[: len(s2)] += s2
-                    kept.append(np.cumsum(energy))
+                for wj in self.group_weights(matrix):
+                    for mode, unfolding in enumerate(self._unfoldings(wj)):
+                        s2 = linalg.squared_singular_values(unfolding, want)
+                        energies[mode, : len(s2)] += s2
                 total = linalg.squared_frobenius_norm(matrix)
+            kept = np.cumsum(energies, axis=1)
             both = np.minimum(np.minimum(kept[0], kept[1]), total)
             steps = np.clip(np.diff(both, prepend=0.0), 0.0, None)
             self._spectrum = (np.sqrt(steps), total)
