@@ -34,7 +34,7 @@ from onnx_lowrank.ranks import break_even_rank
 from onnx_lowrank.report import LayerResult
 
 from .gemm import match_gemm
-from .graph import QUANTIZED_OPS, Candidate, GraphContext, Rewrite, subgraph_nodes, unique_labels
+from .graph import QUANTIZED_OPS, Candidate, GraphContext, NonFiniteWeight, Rewrite, subgraph_nodes, unique_labels
 from .matmul import match_matmul
 from .planning import PassState, attach_whiteners, choose_ranks, estimate_macs, join_notes, latency_guard
 
@@ -262,6 +262,7 @@ def _factorize_all(
     for job, result in zip(jobs_list, results):
         if result.full is not None:
             state.factors[job.candidate.share_key] = result.full
+    skipped = {key: r.skipped for key, r in zip(unique, results) if r.skipped is not None}
     computed = {key: (r.factors, r.rel_error, r.whitened_error, r.optimal_error, {}) for key, r in zip(unique, results)}
 
     del results, jobs_list  # the factors live on in ``computed`` and then in the rewrites only
@@ -269,6 +270,9 @@ def _factorize_all(
     rewrites: dict[int, Rewrite] = {}
     for cand, rank, row in selected:
         key = (cand.share_key, rank)
+        if key in skipped:
+            row.reason = skipped[key]
+            continue
         factors, rel_error, whitened_error, optimal_error, names = computed[key]
         uses[key] -= 1
         if not uses[key]:
@@ -320,13 +324,18 @@ class JobResult:
     optimal_error: float | None
     full: Any = None  # the factorization at ``target``, to cache
     seconds: float = 0.0
+    skipped: str | None = None  # why the weight was left alone once read (NaN or Inf)
 
 
 def run_job(job: FactorJob) -> JobResult:
     """Factorize one weight and measure its errors (pure: safe in threads and remote workers)."""
     start = time.perf_counter()
     cand, rank = job.candidate, job.rank
-    with cand.held():  # a lazily loaded weight is read once for all that follows, then dropped
+    try:
+        cand.hold()  # a lazily loaded weight is read once for all that follows, then dropped
+    except NonFiniteWeight as exc:  # its first read: planning needed no spectrum of it
+        return JobResult(None, float("nan"), None, None, seconds=time.perf_counter() - start, skipped=str(exc))
+    try:
         # The optimum first: its exact spectrum (a float64 Gram matrix and eigvalsh's copy of
         # it) is the largest temporary of a job, best taken before the factors exist.
         optimal_error = cand.optimal_error(rank)
@@ -340,6 +349,8 @@ def run_job(job: FactorJob) -> JobResult:
         result = JobResult(factors, cand.relative_error(factors), cand.whitened_error(factors),
                            optimal_error, full=full if job.target != rank else None,
                            seconds=time.perf_counter() - start)
+    finally:
+        cand.release()
     release_free_memory()  # the job's temporaries, kept resident by glibc otherwise
     logger.debug("%s: rank %d in %.3fs", job.label, rank, result.seconds)
     return result

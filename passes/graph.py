@@ -27,6 +27,7 @@ from onnx_lowrank.whiten import Whitener
 
 __all__ = [
     "Candidate",
+    "NonFiniteWeight",
     "ConstantWeight",
     "GraphContext",
     "Rewrite",
@@ -103,6 +104,22 @@ class ConstantWeight:
         """The value, transposed if asked (a picklable loader for lazy candidates)."""
         value = self.value
         return value.T if transpose else value
+
+
+class NonFiniteWeight(ValueError):
+    """A weight read from disk has NaN or Inf: its layer is left alone (the message says so)."""
+
+
+def all_finite(array: np.ndarray) -> bool:
+    """Whether every entry is finite: one summing pass, the entry-wise check only if it overflows."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(array.sum()):
+            return True
+    return bool(np.all(np.isfinite(array)))
+
+
+def non_finite_reason(weight: ConstantWeight) -> str:
+    return f"weight {weight.name!r} contains NaN or Inf: left alone"
 
 
 @dataclass
@@ -337,10 +354,19 @@ class Candidate:
 
     @property
     def matrix(self) -> np.ndarray:
-        """The matrix view, in the compute dtype (read from disk first if lazily loaded)."""
+        """The matrix view, in the compute dtype (read from disk first if lazily loaded).
+
+        Raises
+        ------
+        NonFiniteWeight
+            A weight read from disk has NaN or Inf (in-memory ones are refused when matched).
+        """
         if self._matrix is None:
             assert self._matrix_loader is not None
-            return np.ascontiguousarray(self._matrix_loader(), dtype=self._compute)
+            matrix = np.ascontiguousarray(self._matrix_loader(), dtype=self._compute)
+            if not all_finite(matrix):
+                raise NonFiniteWeight(non_finite_reason(self.weight))
+            return matrix
         return self._matrix
 
     def hold(self) -> np.ndarray:

@@ -20,7 +20,7 @@ from onnx import helper
 
 from onnx_lowrank.config import LowRankConfig
 
-from .graph import FLOAT_TYPES, Candidate, ConstantWeight, GraphContext, Rewrite
+from .graph import FLOAT_TYPES, Candidate, ConstantWeight, GraphContext, Rewrite, all_finite, non_finite_reason
 
 __all__ = ["MatMulCandidate", "match_matmul"]
 
@@ -82,13 +82,18 @@ def match_matmul(node: onnx.NodeProto, label: str, ctx: GraphContext, config: Lo
 
 
 def check_weight(weight: ConstantWeight, ndim: int = 2) -> str | None:
-    """Why a constant cannot be factorized as an ``ndim``-D float weight, or ``None``."""
+    """Why a constant cannot be factorized as an ``ndim``-D float weight, or ``None``.
+
+    A weight left on disk is not read here for its NaN/Inf check: reading every weight once in
+    planning and again to factorize it took 5.7 of the 17 s of a 2.4 GiB model. It is checked
+    when first read (:attr:`Candidate.matrix` raises :class:`NonFiniteWeight`).
+    """
     if weight.elem_type not in FLOAT_TYPES:
         dtype = onnx.TensorProto.DataType.Name(weight.elem_type).lower()
         return f"weight {weight.name!r} has dtype {dtype}, not a float type"
     if len(weight.shape) != ndim:
         kind = "a vector" if len(weight.shape) == 1 else f"{len(weight.shape)}-D"
         return f"weight {weight.name!r} is {kind} {list(weight.shape)}, only {ndim}-D weights are factorized"
-    if not np.all(np.isfinite(weight.value)):
-        return f"weight {weight.name!r} contains NaN or Inf: left alone"
+    if not weight.lazy and not all_finite(weight.value):
+        return non_finite_reason(weight)
     return None

@@ -26,7 +26,7 @@ from onnx_lowrank.ranks import break_even_rank, select_rank
 from onnx_lowrank.report import LayerResult
 from onnx_lowrank.whiten import make_whitener
 
-from .graph import Candidate, unique_labels
+from .graph import Candidate, NonFiniteWeight, unique_labels
 
 __all__ = ["PassState", "attach_whiteners", "estimate_macs", "choose_ranks", "latency_guard"]
 
@@ -169,14 +169,18 @@ def choose_ranks(
         return _global_ranks(active, config, policy, float(value), weights)
     selected: Selected = []
     for row, cand in active:
-        choice = select_rank(
-            config,
-            params_before=cand.params_before,
-            max_rank=cand.max_rank,
-            factored_params=cand.factored_params,
-            spectrum=cand.spectrum,
-            default_multiple_of=cand.default_multiple_of,
-        )
+        try:
+            choice = select_rank(
+                config,
+                params_before=cand.params_before,
+                max_rank=cand.max_rank,
+                factored_params=cand.factored_params,
+                spectrum=cand.spectrum,
+                default_multiple_of=cand.default_multiple_of,
+            )
+        except NonFiniteWeight as exc:  # read from disk for its spectrum, and found bad
+            row.reason = str(exc)
+            continue
         row.break_even_rank = choice.break_even
         row.note = join_notes(row.note, choice.note)
         if choice.rank is None:
@@ -215,12 +219,18 @@ def _global_ranks(
         else:
             rows = 1.0  # a shared weight is stored once
         dense = cand.params_before * rows
-        dense_total += dense
         if be < 2:
             for row, _ in members:
                 row.reason = f"unprofitable at any rank (break-even {be})"
+            dense_total += dense
             continue
-        sigma, total = cand.spectrum(be)
+        try:
+            sigma, total = cand.spectrum(be)
+        except NonFiniteWeight as exc:  # read from disk for its spectrum, and found bad: not a candidate
+            for row, _ in members:
+                row.reason = str(exc)
+            continue
+        dense_total += dense
         energies = np.asarray(sigma, dtype=np.float64) ** 2
         layers.append(AllocationLayer(
             key=key, energies=energies, total_energy=total,

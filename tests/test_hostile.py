@@ -109,8 +109,15 @@ def _two_branch_model(op: str, bad_value: float, seed: int = 0):
 @pytest.mark.parametrize("op", ["MatMul", "Gemm", "Conv"])
 def test_nonfinite_weight_is_skipped_and_never_spreads(op, bad_value):
     model, x = _two_branch_model(op, bad_value)
-    for config in (FULL, LowRankConfig(rank=2, multiple_of=1), LowRankConfig(target_params=0.3)):
+    configs = (FULL, LowRankConfig(rank=2, multiple_of=1), LowRankConfig(target_params=0.3), LowRankConfig(energy=0.5))
+    for config in configs:
+        # Weights spilled to disk (the default) are checked when first read: by the job
+        # (rank policies) or for their spectrum (energy, budgets); in memory, when matched.
         out, report = optimize(model, config)
+        in_memory, eager = optimize(model, config, lazy=False)
+        assert out.SerializeToString() == in_memory.SerializeToString()
+        assert [(r.node, r.status, r.reason) for r in report.layers] == \
+            [(r.node, r.status, r.reason) for r in eager.layers]
         bad, good = _row(report, "bad"), _row(report, "good")
         assert bad.status == "skipped" and bad.reason == NAN_REASON
         assert good.status == "factorized" and np.isfinite(good.rel_error)
