@@ -74,7 +74,7 @@ from models import registry  # noqa: E402
 import onnx  # noqa: E402
 
 from onnx_lowrank import __version__  # noqa: E402
-from onnx_lowrank import harness  # noqa: E402
+from onnx_lowrank.measure import harness  # noqa: E402
 from onnx_lowrank.api import optimize  # noqa: E402
 from onnx_lowrank.config import LowRankConfig  # noqa: E402
 from onnx_lowrank.model_io import load_model, save_model  # noqa: E402
@@ -379,9 +379,9 @@ class Bench:
         does (api.optimize: PassState(prefactorize=True), measure_sensitivity, allocate_measured,
         apply_lowrank with the fixed ranks), with the table measured once instead of per budget.
         """
-        from onnx_lowrank.calibration import split_samples
+        from onnx_lowrank.measure.calibration import split_samples
         from onnx_lowrank.passes import PassState, apply_lowrank
-        from onnx_lowrank.sensitivity import allocate_measured, measure_sensitivity
+        from onnx_lowrank.search.sensitivity import allocate_measured, measure_sensitivity
 
         config = LowRankConfig(target_params=budgets[0], allocation="measured")
         shapes = {k: list(v.shape[1:]) for k, v in self.calib_norm.items()}

@@ -1,10 +1,10 @@
-"""Speed and accuracy of onnx_lowrank.linalg.rsi against scikit-learn, exact SVD and the GEMM floor.
+"""Speed and accuracy of onnx_lowrank.core.linalg.rsi against scikit-learn, exact SVD and the GEMM floor.
 
 For each shape, a float32 matrix with singular values sigma_i = i^-0.5 (a slowly decaying
 spectrum like trained weights) is factorized at the given rank with q power iterations and
 p oversampling by
 
-- ours:     ``onnx_lowrank.linalg.rsi(W, rank, power_iters=q, oversample=p, seed=0)``
+- ours:     ``onnx_lowrank.core.linalg.rsi(W, rank, power_iters=q, oversample=p, seed=0)``
 - sklearn:  ``sklearn.utils.extmath.randomized_svd(W, rank, n_iter=q, n_oversamples=p,
             random_state=0)`` (skipped if scikit-learn is not installed)
 - svd:      ``numpy.linalg.svd(W, full_matrices=False)`` (float32; only for max(m, n) <= 4096
@@ -36,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
-from onnx_lowrank import linalg  # noqa: E402
+from onnx_lowrank.core import linalg  # noqa: E402
 
 DEFAULT_SHAPES = "2048x2048:256,4096x4096:512,768x3072:256,3072x768:256,4096x11008:256"
 QUICK_SHAPES = "2048x2048:256"

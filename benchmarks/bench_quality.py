@@ -92,7 +92,7 @@ def _session(path: Path):
 
 def latency(original: Path, compressed: Path, feed: dict[str, np.ndarray], budget: float) -> dict[str, float]:
     """Interleaved single-thread timing: medians and their ratio."""
-    from onnx_lowrank.harness import interleaved_timings
+    from onnx_lowrank.measure.harness import interleaved_timings
 
     a, b = _session(original), _session(compressed)
     times = interleaved_timings([lambda _k: a.run(None, feed), lambda _k: b.run(None, feed)],
@@ -115,7 +115,7 @@ def size_bytes(path: Path) -> int:
 def factorization_seconds(path: Path, ratio: float, method: str, q: int) -> float:
     """Time of the factorization calls alone for one policy (single-threaded BLAS)."""
     from onnx_lowrank.model_io import load_model
-    from onnx_lowrank.ranks import select_rank
+    from onnx_lowrank.core.ranks import select_rank
 
     model = load_model(path)
     config = LowRankConfig(method=method, power_iters=q, ratio=ratio)

@@ -37,10 +37,10 @@ def _source_checkout_passes() -> None:
 
 _source_checkout_passes()
 
-from .api import optimize  # noqa: E402
-from .config import LowRankConfig  # noqa: E402
-from .model_io import ModelError, load_model, save_model  # noqa: E402
-from .report import LayerResult, Report  # noqa: E402
+from onnx_lowrank.api import optimize  # noqa: E402
+from onnx_lowrank.config import LowRankConfig  # noqa: E402
+from onnx_lowrank.model_io import ModelError, load_model, save_model  # noqa: E402
+from onnx_lowrank.report import LayerResult, Report  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -49,7 +49,7 @@ def __getattr__(name: str):
     # LowRankPass needs the optional onnx-ir; import it only when asked for (not in __all__, so
     # that ``from onnx_lowrank import *`` works without onnx-ir).
     if name == "LowRankPass":
-        from .ir_pass import LowRankPass
+        from onnx_lowrank.ir_pass import LowRankPass
 
         return LowRankPass
     raise AttributeError(f"module 'onnx_lowrank' has no attribute {name!r}")

@@ -44,14 +44,14 @@ from typing import Any
 import numpy as np
 import onnx
 
-from . import linalg
-from .config import CONV_SCHEMES, OP_TYPES, ConfigError, LowRankConfig
-from .flops import count_params
-from .model_io import ModelError, load_model
-from .passes import find_candidates
-from .passes.graph import Candidate
-from .ranks import break_even_rank, select_rank
-from .report import format_count
+from onnx_lowrank.core import linalg
+from onnx_lowrank.config import CONV_SCHEMES, OP_TYPES, ConfigError, LowRankConfig
+from onnx_lowrank.flops import count_params
+from onnx_lowrank.model_io import ModelError, load_model
+from onnx_lowrank.passes import find_candidates
+from onnx_lowrank.passes.graph import Candidate
+from onnx_lowrank.core.ranks import break_even_rank, select_rank
+from onnx_lowrank.report import format_count
 
 __all__ = [
     "analyze_model",

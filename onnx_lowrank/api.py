@@ -17,11 +17,11 @@ import onnx
 
 from onnx_lowrank.passes import PassState, apply_lowrank
 
-from .calibration import sample_count, split_samples
-from .config import ConfigError, LowRankConfig
-from .flops import count_params, load_model_skeleton
-from .model_io import ModelError, SpilledWeights, external_data_bytes, load_model, load_weights, model_file_size
-from .report import Report
+from onnx_lowrank.measure.calibration import sample_count, split_samples
+from onnx_lowrank.config import ConfigError, LowRankConfig
+from onnx_lowrank.flops import count_params, load_model_skeleton
+from onnx_lowrank.model_io import ModelError, SpilledWeights, external_data_bytes, load_model, load_weights, model_file_size
+from onnx_lowrank.report import Report
 
 __all__ = ["optimize", "default_model_path"]
 
@@ -200,14 +200,14 @@ def _optimize(
     if allocation != "none":
         details["allocation"] = {"method": allocation}
     if allocation == "measured":
-        from .sensitivity import measure_sensitivity
+        from onnx_lowrank.search.sensitivity import measure_sensitivity
 
         table = measure_sensitivity(model, config, calib, state, evaluation=valid, input_shapes=shapes,  # type: ignore[arg-type]
                                     progress=progress)
         details["sensitivity"] = table.to_dict()
         seconds["sensitivity"] = time.perf_counter() - start
     elif allocation == "weighted":
-        from .sensitivity import PROBE_FRACTIONS, layer_weights, measure_sensitivity
+        from onnx_lowrank.search.sensitivity import PROBE_FRACTIONS, layer_weights, measure_sensitivity
 
         fit, held = probe_data if probe_data is not None else (calib, valid)
         # Probes whiten with their own split; a search (max_error) whitens with it too, so the
@@ -230,7 +230,7 @@ def _optimize(
     else:
         fixed = None
         if table is not None:
-            from .sensitivity import allocate_measured
+            from onnx_lowrank.search.sensitivity import allocate_measured
 
             fixed, loss = allocate_measured(table, float(config.target_params or config.target_flops))  # type: ignore[arg-type]
             details["sensitivity"]["estimated_loss"] = loss
@@ -274,7 +274,7 @@ def _optimize(
 
 
 def _inputs(data: Inputs, model: onnx.ModelProto, what: str) -> dict[str, np.ndarray]:
-    from . import harness
+    from onnx_lowrank.measure import harness
 
     try:
         if isinstance(data, Mapping):
@@ -305,9 +305,9 @@ def _search_budget(
     Factorizations are computed once per weight just below break-even and sliced, and the Gram
     matrices once, so each step costs an allocation, a rewrite and one onnxruntime evaluation.
     """
-    from . import harness
+    from onnx_lowrank.measure import harness
 
-    from .trials import TrialModels
+    from onnx_lowrank.search.trials import TrialModels
 
     limit = float(config.max_error)  # type: ignore[arg-type]
     reference = harness.run_samples(harness.create_session(model, threads=harness.accuracy_threads()), validation)
@@ -317,7 +317,7 @@ def _search_budget(
         cfg = replace(config, max_error=None, target_params=fraction)
         fixed = None
         if table is not None:
-            from .sensitivity import allocate_measured
+            from onnx_lowrank.search.sensitivity import allocate_measured
 
             fixed, _ = allocate_measured(table, fraction)
         trial, rows = trials.build(cfg, calibration, shapes, fixed, progress=progress and not steps)

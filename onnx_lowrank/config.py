@@ -71,7 +71,7 @@ class LowRankConfig:
         input Gram matrix, SVD-LLM), ``diag`` (per-feature scaling, ASVD) or ``none``.
         ``auto`` is ``full`` when calibration data is given.
     whiten_eps : float
-        Relative jitter of the Gram matrix (see :data:`onnx_lowrank.whiten.DEFAULT_EPS`).
+        Relative jitter of the Gram matrix (see :data:`onnx_lowrank.core.whitening.DEFAULT_EPS`).
     max_error : float, optional
         With calibration data: search the smallest global budget whose relative output error
         on held-out samples stays at or below this.

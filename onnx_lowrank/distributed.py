@@ -27,12 +27,12 @@ from typing import TYPE_CHECKING, Any
 
 from threadpoolctl import threadpool_limits
 
-from .model_io import ModelError
+from onnx_lowrank.model_io import ModelError
 
 if TYPE_CHECKING:  # pragma: no cover
     from distributed import Client
 
-    from .passes import FactorJob, JobResult
+    from onnx_lowrank.passes import FactorJob, JobResult
 
 __all__ = ["run_jobs", "CONNECT_TIMEOUT", "WORKER_TIMEOUT"]
 
@@ -97,7 +97,7 @@ def _run_remote(job: FactorJob) -> JobResult:
     results depend on the thread count in their last bits). Dask's nanny starts workers with
     ``OPENBLAS_NUM_THREADS=1`` etc. already; this also covers workers started without one.
     """
-    from .passes import run_job
+    from onnx_lowrank.passes import run_job
 
     threadpool_limits(limits=1)
     return run_job(job)
@@ -108,7 +108,7 @@ def _worker_info() -> dict[str, Any]:
     import numpy
     from threadpoolctl import threadpool_info
 
-    from . import __version__
+    from onnx_lowrank import __version__
 
     # Lists, not tuples: the answer may cross msgpack, which turns tuples into lists.
     blas = sorted([str(i.get("internal_api")), str(i.get("version")), str(i.get("architecture"))]

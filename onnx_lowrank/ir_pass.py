@@ -55,11 +55,11 @@ except ImportError:  # pragma: no cover - exercised by a subprocess test
 
 import onnx
 
-from .api import optimize
-from .config import LowRankConfig
+from onnx_lowrank.api import optimize
+from onnx_lowrank.config import LowRankConfig
 
 if TYPE_CHECKING:
-    from .report import Report
+    from onnx_lowrank.report import Report
 
 __all__ = ["LowRankPass", "METADATA_KEY"]
 

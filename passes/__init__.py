@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from onnx_lowrank.config import LowRankConfig
 from onnx_lowrank.heap import release_free_memory
-from onnx_lowrank.ranks import break_even_rank
+from onnx_lowrank.core.ranks import break_even_rank
 from onnx_lowrank.report import LayerResult
 
 from .gemm import match_gemm

@@ -70,7 +70,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnx_lowrank import linalg
+from onnx_lowrank.core import linalg
 from onnx_lowrank.config import LowRankConfig
 
 from .graph import Candidate, ConstantWeight, GraphContext, Rewrite, attr

@@ -20,10 +20,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnx_lowrank import linalg
+from onnx_lowrank.core import linalg
 from onnx_lowrank.config import LowRankConfig
 from onnx_lowrank.model_io import is_external
-from onnx_lowrank.whiten import Whitener
+from onnx_lowrank.core.whitening import Whitener
 
 __all__ = [
     "Candidate",
@@ -266,7 +266,7 @@ class Candidate:
     """A node whose constant weight has a matrix view ``W (m x n)`` ready to factorize.
 
     Op modules subclass this and implement :meth:`rewrite`. The default factorization is
-    ``W ~= A @ B`` by :func:`onnx_lowrank.linalg.factorize`; schemes with other factor shapes
+    ``W ~= A @ B`` by :func:`onnx_lowrank.core.linalg.factorize`; schemes with other factor shapes
     (Tucker-2) override :meth:`factored_params`, :meth:`factorize` and :meth:`relative_error`.
 
     Parameters

@@ -17,14 +17,14 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnx_lowrank.allocation import AllocationLayer, allocate
-from onnx_lowrank.calibration import CalibrationStats, collect_grams
+from onnx_lowrank.core.allocation import AllocationLayer, allocate
+from onnx_lowrank.measure.calibration import CalibrationStats, collect_grams
 from onnx_lowrank.config import LowRankConfig
 from onnx_lowrank.flops import count_flops, tensor_shapes
-from onnx_lowrank.latency import measured_ratio, predicted_ratio
-from onnx_lowrank.ranks import break_even_rank, select_rank
+from onnx_lowrank.measure.latency import measured_ratio, predicted_ratio
+from onnx_lowrank.core.ranks import break_even_rank, select_rank
 from onnx_lowrank.report import LayerResult
-from onnx_lowrank.whiten import make_whitener
+from onnx_lowrank.core.whitening import make_whitener
 
 from .graph import Candidate, NonFiniteWeight, unique_labels
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnx_lowrank.allocation import AllocationLayer, allocate
-from onnx_lowrank.ranks import break_even_rank, linear_factored_params
+from onnx_lowrank.core.allocation import AllocationLayer, allocate
+from onnx_lowrank.core.ranks import break_even_rank, linear_factored_params
 
 
 def _layer(key, m, n, decay):
@@ -62,7 +62,7 @@ def test_exactly_low_rank_layer_never_buys_more_than_needed():
 
 
 def test_measured_allocation_on_a_synthetic_table():
-    from onnx_lowrank.sensitivity import LayerOptions, SensitivityTable, allocate_measured
+    from onnx_lowrank.search.sensitivity import LayerOptions, SensitivityTable, allocate_measured
 
     table = SensitivityTable(
         layers=[
@@ -80,7 +80,7 @@ def test_measured_allocation_on_a_synthetic_table():
 
 
 def test_layer_weights_are_the_geometric_mean_of_loss_squared_over_tail():
-    from onnx_lowrank.sensitivity import LayerOptions, SensitivityTable, layer_weights
+    from onnx_lowrank.search.sensitivity import LayerOptions, SensitivityTable, layer_weights
 
     table = SensitivityTable(
         layers=[

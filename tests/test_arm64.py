@@ -18,7 +18,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnx_lowrank
 from builders import run_cli
-from onnx_lowrank import LowRankConfig, arm64, bench_cli
+from onnx_lowrank import LowRankConfig
+from onnx_lowrank.cli import bench as bench_cli
+from onnx_lowrank.measure import arm64
 
 # ARM64 vs x86, float32: max_abs <= 1e-6 + 1e-4 * max|x86 output| (arm64.ARM64_TOLERANCE). The two
 # builds run different GEMM/conv kernels (NEON vs AVX), so results differ by float32 rounding only;

@@ -12,9 +12,9 @@ import pytest
 from builders import DATA, rel_err, run, run_cli
 from onnx_lowrank import LowRankConfig, optimize
 from onnx_lowrank.config import ConfigError
-from onnx_lowrank.calibration import collect_grams
+from onnx_lowrank.measure.calibration import collect_grams
 from onnx_lowrank.cli import main
-from onnx_lowrank.harness import compare_models, load_inputs, max_error
+from onnx_lowrank.measure.harness import compare_models, load_inputs, max_error
 
 MODEL = DATA / "digits_mlp.onnx"
 CALIB = DATA / "digits_calibration.npz"
@@ -204,7 +204,8 @@ def test_trials_from_spilled_weights_measure_what_whole_copies_do(monkeypatch, t
     # gone afterwards.
     import tempfile
 
-    from onnx_lowrank import model_io, trials
+    from onnx_lowrank import model_io
+    from onnx_lowrank.search import trials
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the spill goes
     made = []

@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from builders import DATA
-from onnx_lowrank import harness as H
+from onnx_lowrank.measure import harness as H
 
 # --------------------------------------------------------------------------------------------
 # tiny models
@@ -438,7 +438,7 @@ def test_mobile_usability_reports_partitions(tmp_path):
 def test_accuracy_sessions_give_the_same_bits_for_any_thread_count():
     # Calibration and the allocation's probes run onnxruntime with accuracy_threads(): that is
     # only sound while the outputs do not depend on the thread count.
-    from onnx_lowrank.harness import accuracy_threads, create_session, run_samples
+    from onnx_lowrank.measure.harness import accuracy_threads, create_session, run_samples
 
     assert accuracy_threads() == min(2, os.cpu_count() or 1)
     pixels = np.load(DATA / "digits_heldout.npz")["pixels"][:512].reshape(16, 32, 64)  # batches of 32 rows

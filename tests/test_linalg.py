@@ -1,4 +1,4 @@
-"""Numerics of onnx_lowrank.linalg against exact SVD and known answers.
+"""Numerics of onnx_lowrank.core.linalg against exact SVD and known answers.
 
 Everything here asserts numbers (error ratios against the Eckart-Young optimum, exact
 reconstructions, known spectra); nothing asserts time. Matrices have singular values
@@ -12,7 +12,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from onnx_lowrank import linalg
+from onnx_lowrank.core import linalg
 
 
 def make_matrix(

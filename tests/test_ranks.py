@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from onnx_lowrank.config import ConfigError, LowRankConfig
-from onnx_lowrank.ranks import break_even_rank, linear_factored_params, select_rank
+from onnx_lowrank.core.ranks import break_even_rank, linear_factored_params, select_rank
 
 
 def _select(config, m, n, sigma=None, default_multiple_of=1):

@@ -7,8 +7,9 @@ import pytest
 from onnx import numpy_helper
 
 from builders import DATA
-from onnx_lowrank import linalg, load_model
-from onnx_lowrank.whiten import make_whitener
+from onnx_lowrank import load_model
+from onnx_lowrank.core import linalg
+from onnx_lowrank.core.whitening import make_whitener
 
 
 def _digits_layer():

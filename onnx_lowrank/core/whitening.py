@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import linalg
+from onnx_lowrank.core import linalg
 
 __all__ = ["Whitener", "make_whitener", "WHITEN_MODES", "DEFAULT_EPS"]
 

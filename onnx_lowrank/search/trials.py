@@ -20,11 +20,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from . import harness
-from .config import LowRankConfig
-from .model_io import SpilledWeights
-from .passes import PassState, apply_lowrank
-from .report import LayerResult
+from onnx_lowrank.measure import harness
+from onnx_lowrank.config import LowRankConfig
+from onnx_lowrank.model_io import SpilledWeights
+from onnx_lowrank.passes import PassState, apply_lowrank
+from onnx_lowrank.report import LayerResult
 
 __all__ = ["TrialModels"]
 

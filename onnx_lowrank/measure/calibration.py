@@ -24,8 +24,8 @@ import onnxruntime as ort
 from onnx import helper
 from tqdm.auto import tqdm
 
-from .harness import HarnessError, accuracy_threads, create_session
-from .model_io import ModelError, is_external
+from onnx_lowrank.measure.harness import HarnessError, accuracy_threads, create_session
+from onnx_lowrank.model_io import ModelError, is_external
 
 __all__ = ["CalibrationStats", "collect_grams", "split_samples", "sample_count"]
 
@@ -80,7 +80,7 @@ def collect_grams(
         driver's candidates.
     inputs : mapping of str to ndarray
         ``{input name: (samples, *input_shape)}`` as returned by
-        :func:`onnx_lowrank.harness.load_inputs`.
+        :func:`onnx_lowrank.measure.harness.load_inputs`.
     progress : bool
         Progress bar on stderr.
     base_dir : str, optional
@@ -185,7 +185,7 @@ def _large(model: onnx.ModelProto) -> bool:
 
 def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
     """Element type of every tensor, from the model's own value_info plus shape inference."""
-    from .flops import load_model_skeleton
+    from onnx_lowrank.flops import load_model_skeleton
 
     types: dict[str, int] = {}
     try:

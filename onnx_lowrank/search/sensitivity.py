@@ -23,12 +23,12 @@ import numpy as np
 import onnx
 from tqdm.auto import tqdm
 
-from . import harness
-from .config import LowRankConfig
-from .passes import PassState, find_candidates
-from .passes.planning import attach_whiteners, estimate_macs
-from .ranks import break_even_rank
-from .trials import TrialModels
+from onnx_lowrank.measure import harness
+from onnx_lowrank.config import LowRankConfig
+from onnx_lowrank.passes import PassState, find_candidates
+from onnx_lowrank.passes.planning import attach_whiteners, estimate_macs
+from onnx_lowrank.core.ranks import break_even_rank
+from onnx_lowrank.search.trials import TrialModels
 
 __all__ = ["SensitivityTable", "LayerOptions", "measure_sensitivity", "allocate_measured", "layer_weights",
            "CANDIDATE_FRACTIONS", "PROBE_FRACTIONS"]

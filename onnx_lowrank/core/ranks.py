@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import LowRankConfig
+from onnx_lowrank.config import LowRankConfig
 
 __all__ = ["RankChoice", "break_even_rank", "select_rank", "linear_factored_params"]
 

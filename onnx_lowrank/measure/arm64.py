@@ -660,7 +660,7 @@ def run_models_arm64(
     model_paths : sequence of path-like
         ``.onnx`` (external data next to it is found) or ``.ort`` files.
     inputs : mapping of str to numpy.ndarray
-        Samples, first axis = sample (as :func:`onnx_lowrank.harness.make_inputs` returns); each
+        Samples, first axis = sample (as :func:`onnx_lowrank.measure.harness.make_inputs` returns); each
         model is fed the inputs it declares.
     cache : path-like, optional
         The runtime's cache directory (default :func:`default_cache`).
@@ -811,11 +811,11 @@ def arm64_section(
         One section per compressed model (one for the original alone when ``compressed`` is
         empty), each ``{"available", "status", "onnxruntime", "outputs", ...}``. ``outputs`` maps
         an output name to ``compressed_vs_original`` (accuracy metrics on ARM64, see
-        :func:`onnx_lowrank.harness.output_metrics`) and ``arm64_vs_x86`` (``original`` /
+        :func:`onnx_lowrank.measure.harness.output_metrics`) and ``arm64_vs_x86`` (``original`` /
         ``compressed``: :func:`compare_arm64_x86`). Unavailable: ``available`` False, ``status``
         ``"unavailable: <reason>"``, ``reason``, ``onnxruntime`` None, ``outputs`` empty.
     """
-    from onnx_lowrank import harness as H  # the harness imports onnxruntime; keep this module light
+    from onnx_lowrank.measure import harness as H  # the harness imports onnxruntime; keep this module light
 
     paths = [os.fspath(original), *map(os.fspath, compressed)]
     ort_list = list(ort_models or [])

@@ -23,7 +23,7 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from .harness import create_session
+from onnx_lowrank.measure.harness import create_session
 
 __all__ = ["predicted_ratio", "measured_ratio", "CALL_OVERHEAD_S", "MACS_PER_S", "CONV_EXTRA"]
 

@@ -2,7 +2,7 @@
 
 ``onnx-lowrank arm64-setup [--cache DIR] [--check]`` prepares, once, the runtime that
 ``onnx-lowrank bench --arm64`` runs models in: qemu-user, an arm64 sysroot with Python 3.11 and
-the aarch64 wheels of onnxruntime and numpy (see :mod:`onnx_lowrank.arm64`). Each step prints what
+the aarch64 wheels of onnxruntime and numpy (see :mod:`onnx_lowrank.measure.arm64`). Each step prints what
 it does; finished steps are skipped, so a second run takes seconds.
 
 Exit codes: 0 ready; 1 a step failed or (with ``--check``) not ready; the failing step prints one
@@ -15,7 +15,7 @@ import argparse
 import sys
 import time
 
-from onnx_lowrank import arm64
+from onnx_lowrank.measure import arm64
 
 __all__ = ["add_arm64_setup_arguments", "run_arm64_setup"]
 
@@ -75,7 +75,7 @@ def run_arm64_setup(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m onnx_lowrank.arm64_cli``: the subcommand without the main CLI."""
+    """``python -m onnx_lowrank.cli.arm64``: the subcommand without the main CLI."""
     parser = argparse.ArgumentParser(prog="onnx-lowrank arm64-setup", description=DESCRIPTION)
     add_arm64_setup_arguments(parser)
     return run_arm64_setup(parser.parse_args(argv))

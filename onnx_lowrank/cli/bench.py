@@ -36,8 +36,8 @@ from typing import Any, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from onnx_lowrank import arm64 as A
-from onnx_lowrank import harness as H
+from onnx_lowrank.measure import arm64 as A
+from onnx_lowrank.measure import harness as H
 
 logger = logging.getLogger(__name__)
 
@@ -244,9 +244,9 @@ def bench(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
 
     Raises
     ------
-    onnx_lowrank.harness.InputError
+    onnx_lowrank.measure.harness.InputError
         Usage errors.
-    onnx_lowrank.harness.HarnessError
+    onnx_lowrank.measure.harness.HarnessError
         A model that does not load or run.
     """
     providers = _check_args(args)

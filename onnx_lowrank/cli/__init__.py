@@ -18,13 +18,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from . import __version__
-from .analyze import add_analyze_arguments, run_analyze
-from .api import default_model_path, optimize
-from .arm64_cli import add_arm64_setup_arguments, run_arm64_setup
-from .bench_cli import add_bench_arguments, run_bench
-from .config import ALLOCATIONS, CONV_SCHEMES, LATENCY_MODES, METHODS, WHITEN_MODES, ConfigError, LowRankConfig
-from .model_io import ModelError, check_output_path, model_file_size, save_model
+from onnx_lowrank import __version__
+from onnx_lowrank.analyze import add_analyze_arguments, run_analyze
+from onnx_lowrank.api import default_model_path, optimize
+from onnx_lowrank.cli.arm64 import add_arm64_setup_arguments, run_arm64_setup
+from onnx_lowrank.cli.bench import add_bench_arguments, run_bench
+from onnx_lowrank.config import ALLOCATIONS, CONV_SCHEMES, LATENCY_MODES, METHODS, WHITEN_MODES, ConfigError, LowRankConfig
+from onnx_lowrank.model_io import ModelError, check_output_path, model_file_size, save_model
 
 __all__ = ["main", "build_parser", "config_from_args"]
 
@@ -285,7 +285,7 @@ def _run_optimize(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> dict:
     """Accuracy of OUT against IN on real (``--inputs``) or generated inputs."""
-    from . import harness
+    from onnx_lowrank.measure import harness
 
     try:
         if args.inputs:

@@ -1,0 +1,1 @@
+"""The numerical core: numpy only, no onnx, no onnxruntime."""

@@ -1,0 +1,1 @@
+"""Measurement with onnxruntime: inputs, sessions, accuracy, latency, mobile, size, calibration, ARM64."""
