@@ -16,7 +16,7 @@ set -uo pipefail
 PY=${PYTHON:-python}
 note() { echo "arm64-setup: $*"; }
 
-if ! "$PY" -c "import onnx_lowrank.arm64_cli" 2>/dev/null; then
+if ! "$PY" -c "import onnx_lowrank.cli.arm64" 2>/dev/null; then
     note "onnx-lowrank is not importable with '$PY'; install the package first. ARM64 tests will skip."
     exit 0
 fi
@@ -27,8 +27,8 @@ if ! command -v qemu-aarch64-static >/dev/null 2>&1 && ! command -v apt-get >/de
 fi
 
 start=$(date +%s)
-# `python -m onnx_lowrank.arm64_cli` is `onnx-lowrank arm64-setup`; 15 minutes means a hung mirror
-if timeout 900 "$PY" -m onnx_lowrank.arm64_cli; then
+# `python -m onnx_lowrank.cli.arm64` is `onnx-lowrank arm64-setup`; 15 minutes means a hung mirror
+if timeout 900 "$PY" -m onnx_lowrank.cli.arm64; then
     note "ARM64 runtime ready ($(( $(date +%s) - start )) s)"
 else
     note "ARM64 runtime NOT prepared (see the error above); continuing, the ARM64 tests will skip"

@@ -74,7 +74,7 @@ from models import registry  # noqa: E402
 import onnx  # noqa: E402
 
 from onnx_lowrank import __version__  # noqa: E402
-from onnx_lowrank.measure import harness  # noqa: E402
+from onnx_lowrank.measure.inputs import input_specs, normalize_inputs  # noqa: E402
 from onnx_lowrank.api import optimize  # noqa: E402
 from onnx_lowrank.config import LowRankConfig  # noqa: E402
 from onnx_lowrank.model_io import load_model, save_model  # noqa: E402
@@ -299,8 +299,8 @@ def candidate_params(report: Any) -> tuple[int, int]:
     """(before, after) parameters of the candidate layers (dense candidates count whole)."""
     before = after = 0
     for row in report.layers:
-        if not row.params_before or row.shape is None:
-            continue
+        if not row.params_before or row.shape is None or (row.reason or "").startswith("op type "):
+            continue  # not a candidate: its family was not selected (embedding tables by default)
         before += row.params_before
         after += row.params_after if row.factorized and row.params_after is not None else row.params_before
     return before, after
@@ -334,7 +334,7 @@ class Bench:
         np.savez(self.calib_path, **self.calib)
         self.model = load_model(self.original)
         # What optimize() does with a calibration dict: (samples, *input_shape), model dtypes.
-        self.calib_norm = harness.normalize_inputs(self.calib, harness.input_specs(self.model), source="calibration")
+        self.calib_norm = normalize_inputs(self.calib, input_specs(self.model), source="calibration")
         self._count = 0
 
     def measure(self, model: onnx.ModelProto) -> dict[str, Any]:
@@ -380,12 +380,13 @@ class Bench:
         apply_lowrank with the fixed ranks), with the table measured once instead of per budget.
         """
         from onnx_lowrank.measure.calibration import split_samples
-        from onnx_lowrank.passes import PassState, apply_lowrank
+        from onnx_lowrank.api import new_pass_state
+        from onnx_lowrank.passes import apply_lowrank
         from onnx_lowrank.search.sensitivity import allocate_measured, measure_sensitivity
 
         config = LowRankConfig(target_params=budgets[0], allocation="measured")
         shapes = {k: list(v.shape[1:]) for k, v in self.calib_norm.items()}
-        state = PassState(prefactorize=True)
+        state = new_pass_state(LowRankConfig(), prefactorize=True)
         # As optimize() does: losses measured on the last 20% of the calibration samples, which
         # the whitening does not see.
         fit, held = split_samples(self.calib_norm, config.holdout)

@@ -92,7 +92,7 @@ def _session(path: Path):
 
 def latency(original: Path, compressed: Path, feed: dict[str, np.ndarray], budget: float) -> dict[str, float]:
     """Interleaved single-thread timing: medians and their ratio."""
-    from onnx_lowrank.measure.harness import interleaved_timings
+    from onnx_lowrank.measure.timing import interleaved_timings
 
     a, b = _session(original), _session(compressed)
     times = interleaved_timings([lambda _k: a.run(None, feed), lambda _k: b.run(None, feed)],

@@ -4,4 +4,5 @@ import sys
 
 from onnx_lowrank.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # importing the module (tools, doc builders) must not run the CLI
+    sys.exit(main())

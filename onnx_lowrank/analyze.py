@@ -1,4 +1,4 @@
-"""``onnx-lowrank analyze``: which layers of a model are compressible, and by how much.
+"""Which layers of a model are compressible, and by how much (``onnx-lowrank analyze``).
 
 For every MatMul/Gemm/Conv node with a constant weight (the same candidates ``optimize`` would
 consider, with the same filters) this reports the matrix view ``W (m x n)``, its parameters, the
@@ -27,16 +27,15 @@ JSON (``--json PATH``)::
                 "energy": {"0.9": {"params_after", "param_ratio", "factorized"}, ...},
                 "ratio": {"0.5": {"params_after", "param_ratio", "energy_kept"}, ...}}}
 
-``params`` in the totals counts each distinct weight once (nodes may share a weight).
+``params`` in the totals counts each distinct weight once (nodes may share a weight). The command
+line (options, printing, exit codes) is :mod:`onnx_lowrank.cli.analyze`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +44,7 @@ import numpy as np
 import onnx
 
 from onnx_lowrank.core import linalg
-from onnx_lowrank.config import CONV_SCHEMES, OP_TYPES, ConfigError, LowRankConfig
+from onnx_lowrank.config import ConfigError, LowRankConfig
 from onnx_lowrank.flops import count_params
 from onnx_lowrank.model_io import ModelError, load_model
 from onnx_lowrank.passes import find_candidates
@@ -57,8 +56,7 @@ __all__ = [
     "analyze_model",
     "format_analysis",
     "plot_spectra",
-    "add_analyze_arguments",
-    "run_analyze",
+    "to_json",
     "DEFAULT_EXACT_LIMIT",
     "DEFAULT_ENERGIES",
     "DEFAULT_RATIOS",
@@ -308,7 +306,7 @@ def _analyze_layer(
         "energy_params": energy_params,
         "ratio_rank": ratio_rank,
         "ratio_energy": ratio_energy,
-        # normalized spectrum for --plot; dropped from the JSON by run_analyze
+        # normalized spectrum for --plot; dropped from the JSON by to_json
         "_sigma": (spec.values / spec.values[0]).tolist() if len(spec.values) and spec.values[0] > 0 else [],
     }
 
@@ -430,86 +428,3 @@ def to_json(result: dict[str, Any]) -> str:
     clean = dict(result)
     clean["layers"] = [{k: v for k, v in layer.items() if not k.startswith("_")} for layer in result["layers"]]
     return json.dumps(clean, indent=2)
-
-
-# --------------------------------------------------------------------------------------------
-# CLI
-# --------------------------------------------------------------------------------------------
-
-
-def _fractions(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def add_analyze_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``onnx-lowrank analyze MODEL``."""
-    parser.add_argument("model", metavar="MODEL", help="the .onnx model (external data next to it is read)")
-    parser.add_argument("--json", metavar="PATH", help="write the analysis as JSON to PATH ('-' for stdout, "
-                        "instead of the table)")
-    parser.add_argument("--plot", metavar="PATH.png", help="draw the normalized spectra (needs matplotlib)")
-    parser.add_argument("--exact-limit", type=int, default=DEFAULT_EXACT_LIMIT, metavar="N",
-                        help=f"exact SVD when min(m, n) <= N, RSI estimate above (default {DEFAULT_EXACT_LIMIT})")
-    parser.add_argument("--energies", type=_fractions, default=DEFAULT_ENERGIES, metavar="LIST",
-                        help="energy levels to report (default 0.9,0.95,0.99)")
-    parser.add_argument("--ratios", type=_fractions, default=DEFAULT_RATIOS, metavar="LIST",
-                        help="parameter ratios to report (default 0.3,0.5,0.7)")
-    t = parser.add_argument_group("which layers (as optimize)")
-    t.add_argument("--op-types", default=",".join(OP_TYPES), metavar="LIST",
-                   help="comma-separated op types (default MatMul,Gemm,Conv)")
-    t.add_argument("--include", action="append", default=[], metavar="REGEX")
-    t.add_argument("--exclude", action="append", default=[], metavar="REGEX")
-    t.add_argument("--min-params", type=int, default=0, metavar="N")
-    t.add_argument("--conv-scheme", choices=CONV_SCHEMES, default="weight-svd")
-    t.add_argument("--multiple-of", type=int, metavar="N", help="rank rounding, as optimize (default 1, 16 for Conv)")
-    parser.add_argument("--verbose", "-v", action="store_true", help="log details on stderr")
-
-
-def run_analyze(args: argparse.Namespace) -> int:
-    """Run ``analyze`` for parsed arguments; returns the exit code (0 ok, 1 bad model, 2 usage)."""
-    try:
-        config = LowRankConfig(
-            op_types=tuple(t.strip() for t in args.op_types.split(",") if t.strip()),
-            include=tuple(args.include), exclude=tuple(args.exclude), min_params=args.min_params,
-            conv_scheme=args.conv_scheme, multiple_of=args.multiple_of,
-        )
-        if args.plot and Path(args.plot).suffix.lower() != ".png":
-            raise ConfigError(f"--plot writes a PNG file, got {args.plot!r}")
-        result = analyze_model(args.model, config, exact_limit=args.exact_limit,
-                               energies=tuple(args.energies), ratios=tuple(args.ratios))
-        if args.plot:
-            plot_spectra(result, args.plot)
-    except ConfigError as exc:
-        print(f"onnx-lowrank analyze: error: {exc}", file=sys.stderr)
-        return 2
-    except ModelError as exc:
-        print(f"onnx-lowrank analyze: error: {exc}", file=sys.stderr)
-        return 1
-    text = to_json(result)
-    if args.json == "-":
-        print(text)
-    else:
-        if args.json:
-            try:
-                Path(args.json).write_text(text + "\n")
-            except OSError as exc:
-                print(f"onnx-lowrank analyze: error: cannot write {args.json}: {exc.strerror or exc}", file=sys.stderr)
-                return 1
-        print(format_analysis(result))
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m onnx_lowrank.analyze MODEL ...`` (the same as ``onnx-lowrank analyze``)."""
-    parser = argparse.ArgumentParser(prog="onnx-lowrank analyze", description=__doc__.split("\n\n")[0])
-    add_analyze_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    return run_analyze(args)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())

@@ -195,8 +195,8 @@ def _optimize(
 
     start = time.perf_counter()
     table = None
-    state = PassState(prefactorize=config.max_error is not None or allocation == "measured",
-                      base_dir=base_dir)
+    state = new_pass_state(config, prefactorize=config.max_error is not None or allocation == "measured",
+                           base_dir=base_dir)
     if allocation != "none":
         details["allocation"] = {"method": allocation}
     if allocation == "measured":
@@ -212,7 +212,7 @@ def _optimize(
         fit, held = probe_data if probe_data is not None else (calib, valid)
         # Probes whiten with their own split; a search (max_error) whitens with it too, so the
         # Gram matrices are shared, while a single run then whitens with every sample.
-        probe_state = state if probe_data is None else PassState(base_dir=base_dir)
+        probe_state = state if probe_data is None else new_pass_state(config, base_dir=base_dir)
         probes = measure_sensitivity(model, config, fit, probe_state, evaluation=held, input_shapes=shapes,  # type: ignore[arg-type]
                                      progress=progress, fractions=PROBE_FRACTIONS)
         state.layer_weights = layer_weights(probes)
@@ -273,14 +273,44 @@ def _optimize(
     return model, report
 
 
+def new_pass_state(config: LowRankConfig, **fields: Any) -> PassState:
+    """A :class:`PassState` with what the pass needs from the runtime, for ``config``.
+
+    The pass imports no onnxruntime: its activation statistics (calibration runs), measured
+    latency ratios (``--latency measure``) and the job executor (``--dask``) are handed in here.
+
+    Parameters
+    ----------
+    config : LowRankConfig
+    **fields
+        Other :class:`PassState` fields (``prefactorize``, ``base_dir``).
+
+    Returns
+    -------
+    PassState
+    """
+    from onnx_lowrank.measure.calibration import collect_grams
+
+    state = PassState(statistics=collect_grams, **fields)
+    if config.latency == "measure":
+        from onnx_lowrank.measure.latency import measured_ratio
+
+        state.latency_ratio = measured_ratio
+    if config.dask:
+        from onnx_lowrank.distributed import executor
+
+        state.executor = executor(config.dask)
+    return state
+
+
 def _inputs(data: Inputs, model: onnx.ModelProto, what: str) -> dict[str, np.ndarray]:
-    from onnx_lowrank.measure import harness
+    from onnx_lowrank.measure import errors, inputs
 
     try:
         if isinstance(data, Mapping):
-            return harness.normalize_inputs(dict(data), harness.input_specs(model), source=what)
-        return harness.load_inputs(data, model)
-    except harness.InputError as exc:
+            return inputs.normalize_inputs(dict(data), inputs.input_specs(model), source=what)
+        return inputs.load_inputs(data, model)
+    except errors.InputError as exc:
         raise ModelError(f"--{what}: {exc}") from None
 
 
@@ -305,12 +335,12 @@ def _search_budget(
     Factorizations are computed once per weight just below break-even and sliced, and the Gram
     matrices once, so each step costs an allocation, a rewrite and one onnxruntime evaluation.
     """
-    from onnx_lowrank.measure import harness
+    from onnx_lowrank.measure import accuracy, sessions
 
     from onnx_lowrank.search.trials import TrialModels
 
     limit = float(config.max_error)  # type: ignore[arg-type]
-    reference = harness.run_samples(harness.create_session(model, threads=harness.accuracy_threads()), validation)
+    reference = sessions.run_samples(sessions.create_session(model, threads=sessions.accuracy_threads()), validation)
     steps: list[dict[str, float]] = []
 
     def evaluate(fraction: float) -> tuple[onnx.ModelProto, list, float]:
@@ -321,8 +351,8 @@ def _search_budget(
 
             fixed, _ = allocate_measured(table, fraction)
         trial, rows = trials.build(cfg, calibration, shapes, fixed, progress=progress and not steps)
-        outputs = harness.run_samples(trials.session(trial), validation)
-        error = harness.max_error(harness.compare_outputs(reference, outputs))
+        outputs = sessions.run_samples(trials.session(trial), validation)
+        error = accuracy.max_error(accuracy.compare_outputs(reference, outputs))
         steps.append({"target_params": round(fraction, 6), "error": float(error)})
         logger.info("budget %.4f: held-out error %.4g", fraction, error)
         return trial, rows, error

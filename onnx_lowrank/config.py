@@ -6,10 +6,14 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["ConfigError", "LowRankConfig", "METHODS", "OP_TYPES", "CONV_SCHEMES"]
+__all__ = ["ConfigError", "LowRankConfig", "METHODS", "OP_TYPES", "DEFAULT_OP_TYPES", "CONV_SCHEMES"]
 
 METHODS = ("rsi", "rsvd", "svd")
-OP_TYPES = ("MatMul", "Gemm", "Conv")
+#: Op families the pass can factorize (``Gather``: embedding tables, rows looked up by index).
+OP_TYPES = ("MatMul", "Gemm", "Conv", "Gather")
+#: Families factorized unless ``op_types`` says otherwise (why Gather is not among them:
+#: docs/embeddings.md).
+DEFAULT_OP_TYPES = ("MatMul", "Gemm", "Conv")
 CONV_SCHEMES = ("weight-svd", "spatial-svd", "tucker2")
 WHITEN_MODES = ("auto", "full", "diag", "none")
 LATENCY_MODES = ("off", "model", "measure")
@@ -59,7 +63,8 @@ class LowRankConfig:
         Regular expressions matched (``re.search``) against node and weight names. A layer is
         a target when it matches some ``include`` (or ``include`` is empty) and no ``exclude``.
     op_types : tuple of str
-        Operator families to consider.
+        Operator families to consider, a subset of :data:`OP_TYPES` (default
+        :data:`DEFAULT_OP_TYPES`: ``Gather`` embedding tables are opt-in).
     conv_scheme : {"weight-svd", "spatial-svd", "tucker2"}
         How Conv weights are factorized.
     target_params, target_flops : float, optional
@@ -109,7 +114,7 @@ class LowRankConfig:
     min_params: int = 0
     include: tuple[str, ...] = field(default_factory=tuple)
     exclude: tuple[str, ...] = field(default_factory=tuple)
-    op_types: tuple[str, ...] = OP_TYPES
+    op_types: tuple[str, ...] = DEFAULT_OP_TYPES
     conv_scheme: str = "weight-svd"
     target_params: float | None = None
     target_flops: float | None = None

@@ -32,9 +32,9 @@ from onnx_lowrank.model_io import ModelError
 if TYPE_CHECKING:  # pragma: no cover
     from distributed import Client
 
-    from onnx_lowrank.passes import FactorJob, JobResult
+    from onnx_lowrank.passes.jobs import FactorJob, JobExecutor, JobResult
 
-__all__ = ["run_jobs", "CONNECT_TIMEOUT", "WORKER_TIMEOUT"]
+__all__ = ["run_jobs", "executor", "CONNECT_TIMEOUT", "WORKER_TIMEOUT"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,20 @@ WORKER_TIMEOUT = 60.0
 WINDOW_PER_THREAD = 2
 
 INSTALL_HINT = 'pip install "onnx-lowrank[distributed]"'
+
+
+def executor(address: str) -> JobExecutor:
+    """The pass's job executor for a dask cluster at ``address`` (see :func:`run_jobs`).
+
+    The pass runs its jobs through whatever executor the workflow hands it
+    (``PassState.executor``); this one submits them to the cluster, so the pass itself never
+    imports this module.
+    """
+
+    def run(jobs: Sequence[FactorJob], progress: Callable[[int], Any]) -> list[JobResult]:
+        return run_jobs(address, jobs, progress=progress)
+
+    return run
 
 
 def run_jobs(
@@ -97,7 +111,7 @@ def _run_remote(job: FactorJob) -> JobResult:
     results depend on the thread count in their last bits). Dask's nanny starts workers with
     ``OPENBLAS_NUM_THREADS=1`` etc. already; this also covers workers started without one.
     """
-    from onnx_lowrank.passes import run_job
+    from onnx_lowrank.passes.jobs import run_job
 
     threadpool_limits(limits=1)
     return run_job(job)
@@ -108,7 +122,7 @@ def _worker_info() -> dict[str, Any]:
     import numpy
     from threadpoolctl import threadpool_info
 
-    from onnx_lowrank import __version__
+    from onnx_lowrank.version import __version__
 
     # Lists, not tuples: the answer may cross msgpack, which turns tuples into lists.
     blas = sorted([str(i.get("internal_api")), str(i.get("version")), str(i.get("architecture"))]

@@ -75,6 +75,7 @@ from onnx_lowrank.config import LowRankConfig
 
 from .graph import Candidate, ConstantWeight, GraphContext, Rewrite, attr
 from .matmul import check_weight
+from .skip import CONSTANT_FOLDABLE, Skip, missing_operand
 
 __all__ = [
     "ConvCandidate",
@@ -694,40 +695,40 @@ class Tucker2Candidate(ConvCandidate):
 # ------------------------------------------------------------------------------------------
 
 
-def match_conv(node: onnx.NodeProto, label: str, ctx: GraphContext, config: LowRankConfig) -> Candidate | str:
-    """A candidate for a Conv node under ``config.conv_scheme``, or the reason it is left alone."""
+def match_conv(node: onnx.NodeProto, label: str, ctx: GraphContext, config: LowRankConfig) -> Candidate | Skip:
+    """A candidate for a Conv node under ``config.conv_scheme``, or the :class:`Skip` saying why it is left alone."""
     if len(node.input) < 2 or not node.input[1]:
-        return "Conv without a weight input"
+        return missing_operand("Conv", "a weight input")
     weight = ctx.constant(node.input[1])
     if weight is None:
-        return ctx.why_not_constant(node.input[1])
+        return Skip(ctx.why_not_constant(node.input[1]))
     if ctx.constant(node.input[0]) is not None:
-        return "both inputs are constants (constant-foldable): left alone"
+        return CONSTANT_FOLDABLE
     shape = weight.shape  # known without reading a lazily loaded weight
     if len(shape) < 3:
-        return f"weight {weight.name!r} has shape {list(shape)}; a Conv weight is [M, C/group, k1, ...]"
+        return Skip(f"weight {weight.name!r} has shape {list(shape)}; a Conv weight is [M, C/group, k1, ...]")
     reason = check_weight(weight, ndim=len(shape))
     if reason:
-        return reason
+        return Skip(reason)
     if weight.size == 0:
-        return f"weight {weight.name!r} is empty {list(shape)}"
+        return Skip(f"weight {weight.name!r} is empty {list(shape)}")
     geometry = ConvGeometry.of(node, shape[2:])
     declared = attr(node, "kernel_shape", None)
     if declared is not None and tuple(int(k) for k in declared) != tuple(shape[2:]):
-        return f"kernel_shape {list(declared)} disagrees with weight {weight.name!r} {list(shape)}"
+        return Skip(f"kernel_shape {list(declared)} disagrees with weight {weight.name!r} {list(shape)}")
     problem = geometry.problem()
     if problem:
-        return problem
+        return Skip(problem)
     g = geometry.group
     if g < 1 or shape[0] % g:
-        return f"{shape[0]} output channels are not divisible by group={g}"
+        return Skip(f"{shape[0]} output channels are not divisible by group={g}")
 
     scheme, note = _scheme_for(config.conv_scheme, geometry)
     classes = {"weight-svd": WeightSVDCandidate, "spatial-svd": SpatialSVDCandidate, "tucker2": Tucker2Candidate}
     fallback = config.conv_scheme if scheme != config.conv_scheme else None
     cand = classes[scheme](node, label, weight, geometry, note=note, fallback_from=fallback)
     if g > 1 and shape[1] == 1 and cand.factored_params(1) >= cand.params_before:
-        return DEPTHWISE_REASON
+        return Skip(DEPTHWISE_REASON)
     return cand
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "Rewrite",
     "FLOAT_TYPES",
     "QUANTIZED_OPS",
+    "tied_reason",
 ]
 
 logger = logging.getLogger(__name__)
@@ -553,6 +554,28 @@ def _all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
             elif a.type == onnx.AttributeProto.GRAPHS:
                 for g in a.graphs:
                     yield from _all_graphs(g)
+
+
+def tied_reason(ctx: GraphContext, weight: ConstantWeight, node: onnx.NodeProto) -> str | None:
+    """Why ``weight`` is tied between a lookup and a matrix product (both left dense), or ``None``.
+
+    A table read by a Gather and also by another op (an LM head's MatMul/Gemm, through a
+    Transpose or not) cannot be replaced by the factors of either use alone: the other still
+    needs the dense table, so the model would grow.
+    """
+    readers = [n for n in ctx.consumers.get(weight.source, ()) if n is not node]
+    gathers = [n for n in readers if n.op_type == "Gather" and n.input[0] == weight.source]
+    others = [n for n in readers if n not in gathers]
+    if node.op_type == "Gather":
+        if not others:
+            return None
+        other = others[0]
+    else:
+        if not gathers:
+            return None
+        other = gathers[0]
+    return (f"tied table {weight.source!r}: also read by {other.op_type} node {other.name!r}; "
+            "a lookup and a matrix product sharing one table are left dense together")
 
 
 def subgraph_nodes(graph: onnx.GraphProto) -> Iterator[tuple[str, onnx.NodeProto]]:

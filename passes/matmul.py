@@ -20,7 +20,9 @@ from onnx import helper
 
 from onnx_lowrank.config import LowRankConfig
 
-from .graph import FLOAT_TYPES, Candidate, ConstantWeight, GraphContext, Rewrite, all_finite, non_finite_reason
+from .graph import (FLOAT_TYPES, Candidate, ConstantWeight, GraphContext, Rewrite, all_finite, non_finite_reason,
+                    tied_reason)
+from .skip import CONSTANT_FOLDABLE, Skip, missing_operand
 
 __all__ = ["MatMulCandidate", "match_matmul"]
 
@@ -62,22 +64,25 @@ class MatMulCandidate(Candidate):
         return Rewrite(nodes, inits)
 
 
-def match_matmul(node: onnx.NodeProto, label: str, ctx: GraphContext, config: LowRankConfig) -> Candidate | str:
-    """A candidate for a MatMul node, or the reason it is left alone."""
+def match_matmul(node: onnx.NodeProto, label: str, ctx: GraphContext, config: LowRankConfig) -> Candidate | Skip:
+    """A candidate for a MatMul node, or the :class:`Skip` saying why it is left alone."""
     if len(node.input) != 2:
-        return "MatMul without two inputs"
+        return missing_operand("MatMul")
     left, right = (ctx.constant(name) for name in node.input)
     if left is not None and right is not None:
-        return "both inputs are constants (constant-foldable): left alone"
+        return CONSTANT_FOLDABLE
     if right is not None:
         weight, side = right, "right"
     elif left is not None:
         weight, side = left, "left"
     else:
-        return ctx.why_not_constant(node.input[1])
+        return Skip(ctx.why_not_constant(node.input[1]))
     reason = check_weight(weight)
     if reason:
-        return reason
+        return Skip(reason)
+    tie = tied_reason(ctx, weight, node)
+    if tie:
+        return Skip(tie)
     return MatMulCandidate(node, label, weight, side)
 
 

@@ -4,6 +4,11 @@ The driver hands over the candidates (nodes with a matrix view); this module att
 calibration whiteners, estimates each node's MACs, applies the rank policy (a per-layer policy,
 or one global budget allocated across layers) and the latency guard, and returns the rank of
 each candidate or the reason it stays dense.
+
+What needs a runtime comes in through :class:`PassState` as plain data or callables that the
+workflow layer (:mod:`onnx_lowrank.api`) fills in: the activation statistics of the calibration
+inputs (``statistics``) and measured latency ratios (``latency_ratio``). This module imports no
+onnxruntime, so the pass runs where only onnx is installed.
 """
 
 from __future__ import annotations
@@ -12,25 +17,44 @@ import logging
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import onnx
 
-from onnx_lowrank.core.allocation import AllocationLayer, allocate
-from onnx_lowrank.measure.calibration import CalibrationStats, collect_grams
 from onnx_lowrank.config import LowRankConfig
-from onnx_lowrank.flops import count_flops, tensor_shapes
-from onnx_lowrank.measure.latency import measured_ratio, predicted_ratio
+from onnx_lowrank.core.allocation import AllocationLayer, allocate
+from onnx_lowrank.core.latency_model import predicted_ratio
 from onnx_lowrank.core.ranks import break_even_rank, select_rank
-from onnx_lowrank.report import LayerResult
 from onnx_lowrank.core.whitening import make_whitener
+from onnx_lowrank.flops import count_flops, tensor_shapes
+from onnx_lowrank.report import LayerResult
+from onnx_lowrank.statistics import CalibrationStats
 
 from .graph import Candidate, NonFiniteWeight, unique_labels
 
-__all__ = ["PassState", "attach_whiteners", "estimate_macs", "choose_ranks", "latency_guard"]
+__all__ = [
+    "PassState", "StatisticsCollector", "LatencyRatio", "attach_whiteners", "estimate_macs", "choose_ranks",
+    "latency_guard", "join_notes",
+]
 
 logger = logging.getLogger(__name__)
+
+
+class StatisticsCollector(Protocol):
+    """Runs the model on calibration inputs and returns the Gram matrices the candidates ask for.
+
+    ``requests`` are candidates (their ``activation``, ``feature_key`` and ``features``); the
+    workflow layer passes :func:`onnx_lowrank.measure.calibration.collect_grams`.
+    """
+
+    def __call__(self, model: onnx.ModelProto, requests: Sequence[Any], inputs: Mapping[str, np.ndarray], *,
+                 progress: bool = False, base_dir: str | None = None) -> CalibrationStats: ...
+
+
+#: ``(m, n, rank, rows) -> time ratio`` of the factorized form over the dense one, measured
+#: (``--latency measure``): :func:`onnx_lowrank.measure.latency.measured_ratio`.
+LatencyRatio = Callable[[int, int, int, int], float]
 
 
 @dataclass
@@ -55,6 +79,14 @@ class PassState:
     base_dir: str | None = None
     #: Time per stage of the pass (plan, factorize, rewrite), summed over runs.
     seconds: dict[str, float] = field(default_factory=dict)
+    #: How to get activation statistics the state does not hold yet (calibration runs); filled
+    #: in by the workflow layer, which owns the runtime. ``None``: calibration data is refused.
+    statistics: StatisticsCollector | None = None
+    #: Measured latency ratio for ``--latency measure``; ``None`` falls back to the cost model.
+    latency_ratio: LatencyRatio | None = None
+    #: Runs the factorization jobs (``onnx_lowrank.distributed`` hands in a dask cluster's);
+    #: ``None``: local threads (:func:`onnx_lowrank.passes.jobs.run_local`).
+    executor: Any = None
 
 
 Selected = list[tuple[Candidate, int, LayerResult]]
@@ -83,7 +115,10 @@ def attach_whiteners(
     have = state.stats.grams if state.stats is not None else {}
     missing = [c for _, c in supported if (c.activation, c.feature_key) not in have]
     if missing:  # one onnxruntime pass for every layer input not seen yet (usually all, once)
-        stats = collect_grams(model, missing, calibration, progress=progress, base_dir=state.base_dir)
+        if state.statistics is None:
+            raise ValueError("calibration data needs PassState.statistics (e.g. "
+                             "onnx_lowrank.measure.calibration.collect_grams) to measure the layer inputs")
+        stats = state.statistics(model, missing, calibration, progress=progress, base_dir=state.base_dir)
         if state.stats is None:
             state.stats = stats
         else:
@@ -262,8 +297,12 @@ def _global_ranks(
     return selected
 
 
-def latency_guard(selected: Selected, config: LowRankConfig) -> Selected:
-    """Drop layers whose factorized form would not run faster (``config.latency``)."""
+def latency_guard(selected: Selected, config: LowRankConfig, measured: LatencyRatio | None = None) -> Selected:
+    """Drop layers whose factorized form would not run faster (``config.latency``).
+
+    ``measured`` times a MatMul/Gemm layer's two forms (``--latency measure``); without it, and
+    for convs, the cost model :func:`~onnx_lowrank.core.latency_model.predicted_ratio` decides.
+    """
     if config.latency == "off":
         return selected
     kept: Selected = []
@@ -272,8 +311,8 @@ def latency_guard(selected: Selected, config: LowRankConfig) -> Selected:
         rows = 1
         if row.macs_before and row.params_before:
             rows = max(1, round(row.macs_before / row.params_before))
-        if config.latency == "measure" and cand.op_type != "Conv":
-            ratio, how = measured_ratio(m, n, rank, rows), "measured"
+        if config.latency == "measure" and cand.op_type != "Conv" and measured is not None:
+            ratio, how = measured(m, n, rank, rows), "measured"
         else:
             ratio, how = predicted_ratio(m, n, rank, rows, op=cand.op_type), "predicted"
         if ratio >= 1.0:

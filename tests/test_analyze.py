@@ -12,13 +12,8 @@ import pytest
 from builders import DATA, init, make_model, vi
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_lowrank.analyze import (
-    DEFAULT_EXACT_LIMIT,
-    add_analyze_arguments,
-    analyze_model,
-    format_analysis,
-    run_analyze,
-)
+from onnx_lowrank.analyze import DEFAULT_EXACT_LIMIT, analyze_model, format_analysis
+from onnx_lowrank.cli.analyze import add_analyze_arguments, run_analyze
 from onnx_lowrank.config import LowRankConfig
 
 ENERGIES = ("0.9", "0.95", "0.99")

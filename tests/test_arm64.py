@@ -20,7 +20,7 @@ import onnx_lowrank
 from builders import run_cli
 from onnx_lowrank import LowRankConfig
 from onnx_lowrank.cli import bench as bench_cli
-from onnx_lowrank.measure import arm64
+from onnx_lowrank.measure import arm64, arm64_setup
 
 # ARM64 vs x86, float32: max_abs <= 1e-6 + 1e-4 * max|x86 output| (arm64.ARM64_TOLERANCE). The two
 # builds run different GEMM/conv kernels (NEON vs AVX), so results differ by float32 rounding only;
@@ -70,7 +70,7 @@ def model_files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runtime():
-    state = arm64.check()
+    state = arm64_setup.check()
     if not state.ready:
         pytest.skip(f"ARM64 runtime not set up: {state.reason}")
     return state
@@ -103,7 +103,7 @@ def _setup_cli(argv, capsys):
 def test_check_on_empty_cache_gives_reason_and_changes_nothing(tmp_path, capsys):
     empty = tmp_path / "cache"
     empty.mkdir()
-    state = arm64.check(empty)
+    state = arm64_setup.check(empty)
     assert not state.ready
     assert "arm64-setup" in state.reason and "\n" not in state.reason
     code, out, err = _setup_cli(["--cache", empty, "--check"], capsys)
@@ -144,8 +144,8 @@ def test_bench_help_says_emulated_time_is_not_latency():
 
 
 def test_missing_tool_prints_one_line_to_run(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(arm64, "find_qemu", lambda cache=None: None)
-    monkeypatch.setattr(arm64.shutil, "which", lambda name: None)  # no qemu, no apt-get
+    monkeypatch.setattr(arm64_setup, "find_qemu", lambda cache=None: None)
+    monkeypatch.setattr(arm64_setup.shutil, "which", lambda name: None)  # no qemu, no apt-get
     code, out, err = _setup_cli(["--cache", tmp_path / "c"], capsys)
     assert code == 1
     assert out.startswith("[1/5] qemu-user: ")  # the step says what it does before failing
@@ -153,14 +153,14 @@ def test_missing_tool_prints_one_line_to_run(tmp_path, monkeypatch, capsys):
 
 
 def test_step_needing_root_prints_one_line_to_run(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(arm64, "find_qemu", lambda cache=None: None)
-    monkeypatch.setattr(arm64, "_is_root", lambda: False)
-    monkeypatch.setattr(arm64.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(arm64_setup, "find_qemu", lambda cache=None: None)
+    monkeypatch.setattr(arm64_setup, "_is_root", lambda: False)
+    monkeypatch.setattr(arm64_setup.shutil, "which", lambda name: f"/usr/bin/{name}")
 
     def stale_lists(cmd, **kw):
-        raise arm64.SetupError("apt-get download qemu-user-static failed: E: Unable to locate package")
+        raise arm64_setup.SetupError("apt-get download qemu-user-static failed: E: Unable to locate package")
 
-    monkeypatch.setattr(arm64, "_run", stale_lists)
+    monkeypatch.setattr(arm64_setup, "_run", stale_lists)
     code, out, err = _setup_cli(["--cache", tmp_path / "c"], capsys)
     assert code == 1
     assert err.count("\n") == 1 and "run: sudo apt-get update" in err
@@ -189,7 +189,7 @@ def test_matmul_gemm_conv_model_and_factorized_match_x86_on_arm64(runtime, model
     inputs = _inputs()
     res = arm64.run_models_arm64(list(model_files), inputs, cache=runtime.cache)
     assert res["available"], res.get("reason")
-    assert res["machine"] == "aarch64" and res["onnxruntime"] == arm64.ORT_VERSION
+    assert res["machine"] == "aarch64" and res["onnxruntime"] == arm64_setup.ORT_VERSION
     assert res["samples"] == SAMPLES
     for path, run in zip(model_files, res["models"]):
         assert "error" not in run, run.get("error")
@@ -214,7 +214,7 @@ def test_bench_arm64_json(runtime, model_files, tmp_path, capsys):
     sec = json.loads(out_json.read_text())["arm64"]
     assert {"available", "onnxruntime", "outputs"} <= set(sec)
     assert sec["available"] is True and sec["status"] == "ok"
-    assert sec["onnxruntime"] == arm64.ORT_VERSION and sec["runtime"]["machine"] == "aarch64"
+    assert sec["onnxruntime"] == arm64_setup.ORT_VERSION and sec["runtime"]["machine"] == "aarch64"
     assert sec["samples"] == arm64.DEFAULT_SAMPLES
     assert [m["ran"] for m in sec["models"]] == [True, True]
     entry = sec["outputs"]["logits"]

@@ -201,3 +201,67 @@ def test_plot_with_matplotlib(models, tmp_path, capsys):
     got, _, err = bench([orig, comp, "--shape", "N=1", "--runs", "3", "--plot", tmp_path / "p.png"], capsys)
     assert got == 0, err
     assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_bench_from_python_with_a_config_equals_the_cli(tmp_path, capsys):
+    """``onnx_lowrank.bench.bench`` with a BenchConfig, on the bundled digits model and an optimized copy."""
+    from builders import DATA
+
+    import onnx_lowrank
+    from onnx_lowrank.bench import BenchConfig, BenchResult, bench as run_bench
+
+    original = str(DATA / "digits_mlp.onnx")
+    compressed = tmp_path / "digits.lowrank.onnx"
+    # the demo's recipe: 30% of the layers' parameters, calibrated on the bundled training images
+    model, _ = onnx_lowrank.optimize(original, onnx_lowrank.LowRankConfig(target_params=0.3),
+                                     calibration=str(DATA / "digits_calibration.npz"))
+    onnx_lowrank.save_model(model, compressed)
+    heldout = str(DATA / "digits_heldout.npz")
+
+    config = BenchConfig(inputs=heldout, samples=64, runs=0)
+    result = run_bench(original, [compressed], config)
+    assert isinstance(result, BenchResult) and result.failures == []
+    assert capsys.readouterr().out == ""  # the library prints nothing
+    report = result.report
+    size_ratio = report["models"][1]["size_bytes"] / report["models"][0]["size_bytes"]
+    params_ratio = report["models"][1]["params"] / report["models"][0]["params"]
+    assert size_ratio < 0.5 and params_ratio < 0.5
+    assert report["models"][0]["params"] == onnx_lowrank.flops.count_params(onnx.load(original))
+    acc = report["accuracy"]["logits"]
+    assert {"max_abs", "rel_l2", "cosine", "top1_agreement", "kl", "task_accuracy_original",
+            "task_accuracy_compressed"} <= set(acc)
+    assert acc["samples"] == 64
+    assert acc["task_accuracy_original"] > 0.95 and acc["top1_agreement"] >= 0.95
+    assert abs(acc["task_accuracy_compressed"] - acc["task_accuracy_original"]) <= 0.05
+    assert report["latency"] == {} and result.raw_times == {}  # runs=0 skips latency
+    assert result.meta["source"] == "64 of 540 samples from digits_heldout.npz"
+
+    # the CLI is the same call: the same numbers in its JSON, the same table on stdout
+    out_json = tmp_path / "cli.json"
+    code, out, err = bench([original, compressed, "--inputs", heldout, "--samples", "64", "--runs", "0",
+                            "--json", out_json], capsys)
+    assert code == 0, err
+    cli = json.loads(out_json.read_text())
+    assert cli["accuracy"]["logits"]["top1_agreement"] == acc["top1_agreement"]
+    assert cli["accuracy"]["logits"]["rel_l2"] == pytest.approx(acc["rel_l2"], rel=1e-12)
+    assert [m["size_bytes"] for m in cli["models"]] == [m["size_bytes"] for m in report["models"]]
+    assert out.rstrip("\n") == result.format_table()
+    assert json.loads(result.to_json()) == cli
+
+    # a gate given in the config is a failure in the result, not an exception
+    gated = run_bench(original, [compressed], BenchConfig(inputs=heldout, samples=8, runs=0, max_error=1e-9))
+    assert len(gated.failures) == 1 and "exceeds --max-error 1e-09" in gated.failures[0]
+
+
+def test_bench_config_defaults_are_the_cli_defaults():
+    import argparse
+    from dataclasses import fields
+
+    from onnx_lowrank.bench import BenchConfig
+    from onnx_lowrank.cli.bench import add_bench_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_bench_arguments(parser)
+    args = parser.parse_args(["orig.onnx"])
+    assert config_from_args(args) == BenchConfig()
+    assert {f.name for f in fields(BenchConfig)} <= set(vars(args))

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models import registry  # noqa: E402
 from onnx_lowrank import LowRankConfig, optimize  # noqa: E402
-from onnx_lowrank.measure.harness import create_session, run_samples  # noqa: E402
+from onnx_lowrank.measure.sessions import create_session, run_samples  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,8 @@ from onnx_lowrank import LowRankConfig, optimize
 from onnx_lowrank.config import ConfigError
 from onnx_lowrank.measure.calibration import collect_grams
 from onnx_lowrank.cli import main
-from onnx_lowrank.measure.harness import compare_models, load_inputs, max_error
+from onnx_lowrank.measure.accuracy import compare_models, max_error
+from onnx_lowrank.measure.inputs import load_inputs
 
 MODEL = DATA / "digits_mlp.onnx"
 CALIB = DATA / "digits_calibration.npz"
@@ -104,7 +105,8 @@ def test_cli_calibration_report(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,message,code", [
-    (["--max-error", "0.1"], "--max-error needs --calibration DATA.npz (search) or --check (gate)", 2),
+    (["--max-error", "0.1"], "--max-error is the target of a budget search and needs --calibration DATA.npz", 2),
+    (["--max-error", "0.1", "--check"], "to fail --check above an error, use --check-max-error E", 2),
     (["--target-params", "1.5"], "--target-params must be in (0, 1]", 2),
     (["--calibration", "missing.npz"], "inputs file not found", 1),
     (["--whiten", "diag", "--whiten-eps", "2"], "--whiten-eps must be in [0, 1)", 2),

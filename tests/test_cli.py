@@ -63,13 +63,26 @@ def test_unprofitable_layer_is_reported_and_kept(tmp_path, small_model, capsys):
 BAD_OPTIONS = [
     (["--ratio", "1.5"], "--ratio must be in (0, 1]"),
     (["--ratio", "0"], "--ratio must be in (0, 1]"),
-    (["--rank", "-3"], "--rank must be a positive integer"),
+    (["--rank", "-3"], "argument --rank: expected an integer >= 1, got '-3'"),
+    (["--rank", "0"], "argument --rank: expected an integer >= 1, got '0'"),
+    (["--multiple-of", "0"], "argument --multiple-of: expected an integer >= 1, got '0'"),
+    (["--check", "--samples", "-2"], "argument --samples: expected an integer >= 1, got '-2'"),
+    (["--jobs", "-1"], "argument --jobs: expected an integer >= 0, got '-1'"),
+    (["--seed", "-5"], "argument --seed: expected an integer >= 0, got '-5'"),
+    (["--power-iters", "-1"], "argument --power-iters: expected an integer >= 0, got '-1'"),
+    (["--min-params", "-10"], "argument --min-params: expected an integer >= 0, got '-10'"),
+    (["--jobs", "two"], "argument --jobs: expected an integer, got 'two'"),
     (["--energy", "2"], "--energy must be in (0, 1]"),
     (["--rank", "3", "--ratio", "0.5"], "not allowed with argument"),
     (["--ratio", "abc"], "expected a number"),
     (["--op-types", "MatMul,Foo"], "--op-types takes a comma-separated subset"),
     (["--exclude", "("], "--exclude '(' is not a valid regular expression"),
     (["--method", "qr"], "invalid choice: 'qr'"),
+    # --max-error is the budget search's target; the gate of --check is --check-max-error
+    (["--max-error", "0.1"], "use --check-max-error E"),
+    (["--max-error", "0.1", "--check"], "use --check-max-error E"),
+    (["--check-max-error", "0.1"], "--check-max-error needs --check"),
+    (["--check", "--check-max-error", "0"], "--check-max-error must be > 0, got 0.0"),
 ]
 
 
@@ -162,3 +175,63 @@ def test_python_m_entry_point_and_help():
     assert proc.returncode == 0 and "--multiple-of" in proc.stdout and "--report" in proc.stdout
     proc = subprocess.run([sys.executable, "-m", "onnx_lowrank"], capture_output=True, text=True)
     assert proc.returncode == 2 and "optimize" in proc.stderr
+
+
+def test_zero_jobs_means_one_per_core_and_gives_the_same_bytes(tmp_path, small_model, capsys):
+    outs = [tmp_path / "j0.onnx", tmp_path / "j1.onnx"]
+    for jobs, out in zip(("0", "1"), outs):
+        code, _, stderr = run_cli(capsys, "optimize", small_model, out, "--ratio", "0.5", "--jobs", jobs, "--quiet")
+        assert code == 0, stderr
+    assert _sha(outs[0]) == _sha(outs[1])
+
+
+def test_check_max_error_gates_the_check(tmp_path, small_model, capsys):
+    out = tmp_path / "out.onnx"
+    check = ["--check", "--shape", "batch=2", "--samples", "3"]
+    code, stdout, stderr = run_cli(capsys, "optimize", small_model, out, "--rank", "4", *check, "--check-max-error", "1e-9")
+    assert code == 1 and out.exists()  # written, then the gate fails
+    assert len(stderr.strip().splitlines()) == 1, stderr
+    assert "check failed: worst output error" in stderr and "exceeds --check-max-error 1e-09" in stderr
+    assert "> --check-max-error 1e-09" in stdout
+
+    code, stdout, stderr = run_cli(capsys, "optimize", small_model, out, "--rank", "4", *check, "--check-max-error", "10")
+    assert code == 0, stderr
+    assert "<= --check-max-error 10" in stdout
+
+    # the worst error of the JSON check is what the gate compares
+    code, stdout, _ = run_cli(capsys, "optimize", small_model, out, "--rank", "4", *check, "--check-max-error", "10",
+                              "--json")
+    check_json = json.loads(stdout)["check"]
+    assert code == 0 and check_json["max_error"] == 10.0 and 0 < check_json["max_rel_l2"] < 10
+
+
+def test_optimize_defaults_are_the_config_defaults():
+    from dataclasses import fields
+
+    from onnx_lowrank import LowRankConfig
+    from onnx_lowrank.cli import build_parser, config_from_args
+    from onnx_lowrank.cli.common import CONFIG_DEFAULTS, config_kwargs
+
+    parser = build_parser()
+    for command in (["optimize", "in.onnx", "out.onnx"], ["demo"]):
+        args = parser.parse_args(command)
+        mapped = config_kwargs(args)
+        defaults = LowRankConfig()
+        for name, value in mapped.items():
+            assert value == getattr(defaults, name), (command[0], name, value)
+        assert config_from_args(args) == defaults
+    # every field has an optimize option (named like it), so none is silently unreachable
+    optimize_args = parser.parse_args(["optimize", "in.onnx", "out.onnx"])
+    assert set(config_kwargs(optimize_args)) == {f.name for f in fields(LowRankConfig)} == set(CONFIG_DEFAULTS)
+
+
+def test_optimize_help_states_the_config_defaults(capsys):
+    from onnx_lowrank.cli.common import CONFIG_DEFAULTS
+
+    code, stdout, _ = run_cli(capsys, "optimize", "--help")
+    assert code == 0
+    text = " ".join(stdout.split())
+    for name in ("power_iters", "oversample", "seed", "conv_scheme"):
+        assert f"(default {CONFIG_DEFAULTS[name]})" in text, name
+    assert f"(default {','.join(CONFIG_DEFAULTS['op_types'])})" in text
+    assert f"{CONFIG_DEFAULTS['method']}: randomized subspace iteration (default)" in text

@@ -2,8 +2,8 @@
 
 ``onnx-lowrank arm64-setup [--cache DIR] [--check]`` prepares, once, the runtime that
 ``onnx-lowrank bench --arm64`` runs models in: qemu-user, an arm64 sysroot with Python 3.11 and
-the aarch64 wheels of onnxruntime and numpy (see :mod:`onnx_lowrank.measure.arm64`). Each step prints what
-it does; finished steps are skipped, so a second run takes seconds.
+the aarch64 wheels of onnxruntime and numpy (see :mod:`onnx_lowrank.measure.arm64_setup`). Each
+step prints what it does; finished steps are skipped, so a second run takes seconds.
 
 Exit codes: 0 ready; 1 a step failed or (with ``--check``) not ready; the failing step prints one
 line on stderr saying what to run.
@@ -15,15 +15,15 @@ import argparse
 import sys
 import time
 
-from onnx_lowrank.measure import arm64
+from onnx_lowrank.measure import arm64_setup
 
 __all__ = ["add_arm64_setup_arguments", "run_arm64_setup"]
 
 DESCRIPTION = (
     "Prepare, once, the ARM64 onnxruntime that 'bench --arm64' runs models in: qemu-user (the system's, "
     "else Debian's static qemu-aarch64 fetched into the cache with apt-get download), an arm64 sysroot with Debian's Python "
-    f"{arm64.PYTHON_VERSION} (downloaded with a private apt state, no root), and the aarch64 wheels of "
-    f"onnxruntime {arm64.ORT_VERSION} and numpy {arm64.NUMPY_VERSION}. Idempotent: finished steps are skipped."
+    f"{arm64_setup.PYTHON_VERSION} (downloaded with a private apt state, no root), and the aarch64 wheels of "
+    f"onnxruntime {arm64_setup.ORT_VERSION} and numpy {arm64_setup.NUMPY_VERSION}. Idempotent: finished steps are skipped."
 )
 
 
@@ -38,13 +38,13 @@ def add_arm64_setup_arguments(parser: argparse.ArgumentParser) -> None:
                         help="never fetch qemu-user-static when it is missing; say what to run instead")
     parser.add_argument("--mirror", metavar="URL",
                         help=f"Debian mirror for the arm64 packages (default: the system's sources on Debian "
-                        f"{arm64.DEBIAN_SUITE}, else {arm64.DEBIAN_MIRROR})")
+                        f"{arm64_setup.DEBIAN_SUITE}, else {arm64_setup.DEBIAN_MIRROR})")
 
 
 def run_arm64_setup(args: argparse.Namespace) -> int:
     """Run ``arm64-setup``; returns the exit code (0 ready, 1 not ready / failed)."""
     if args.check:
-        state = arm64.check(args.cache, probe=True)
+        state = arm64_setup.check(args.cache, probe=True)
         if state.ready:
             info = state.info
             print(f"ready: onnxruntime {info.get('onnxruntime')} (numpy {info.get('numpy')}, Python "
@@ -59,8 +59,8 @@ def run_arm64_setup(args: argparse.Namespace) -> int:
         print(line, flush=True)
 
     try:
-        state = arm64.setup(args.cache, say=say, install_qemu=not args.no_install, mirror=args.mirror)
-    except arm64.SetupError as exc:
+        state = arm64_setup.setup(args.cache, say=say, install_qemu=not args.no_install, mirror=args.mirror)
+    except arm64_setup.SetupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -55,6 +55,11 @@ class Whitener:
         return self.method == "diag" or self.method.startswith("identity")
 
     @property
+    def diagonal(self) -> np.ndarray:
+        """The diagonal of a diagonal ``L`` (stored as a vector when K is large: lookups)."""
+        return self.L if self.L.ndim == 1 else np.diag(self.L)
+
+    @property
     def fallback(self) -> str | None:
         """Why whitening fell back to plain factorization, or ``None``."""
         return self.method[len("identity ("):-1] if self.method.startswith("identity") else None
@@ -63,14 +68,14 @@ class Whitener:
         """``L^T W`` (inputs along rows) or ``W L`` (inputs along columns)."""
         W64 = W.astype(np.float64, copy=False)
         if self.is_diagonal:
-            d = np.diag(self.L)
+            d = self.diagonal
             return d[:, None] * W64 if side == "rows" else W64 * d[None, :]
         return self.L.T @ W64 if side == "rows" else W64 @ self.L
 
     def undo(self, A: np.ndarray, B: np.ndarray, side: str) -> tuple[np.ndarray, np.ndarray]:
         """Factors of ``W`` from factors of the whitened matrix."""
         if self.is_diagonal:
-            d = np.diag(self.L)
+            d = self.diagonal
             if side == "rows":
                 return A / d[:, None], B
             return A, B / d[None, :]
@@ -106,8 +111,9 @@ def make_whitener(G: np.ndarray, mode: str = "full", *, eps: float = DEFAULT_EPS
 
     Parameters
     ----------
-    G : ndarray, shape (K, K)
-        ``X^T X`` accumulated over calibration inputs (float64).
+    G : ndarray, shape (K, K) or (K,)
+        ``X^T X`` accumulated over calibration inputs (float64), or only its diagonal when the
+        inputs are one-hot rows (a table lookup: the diagonal holds how often each row was read).
     mode : {"full", "diag"}
         Full Cholesky whitening (SVD-LLM) or the per-feature diagonal scaling (ASVD).
     eps : float
@@ -127,6 +133,8 @@ def make_whitener(G: np.ndarray, mode: str = "full", *, eps: float = DEFAULT_EPS
     gives the identity, i.e. plain factorization.
     """
     G = np.asarray(G, dtype=np.float64)
+    if G.ndim == 1:
+        return _diagonal_whitener(G, mode, eps)
     K = G.shape[0]
     G = 0.5 * (G + G.T)  # accumulated sums can lose exact symmetry
     if not np.all(np.isfinite(G)):
@@ -155,3 +163,22 @@ def make_whitener(G: np.ndarray, mode: str = "full", *, eps: float = DEFAULT_EPS
     w = np.maximum(w, 0.0) + eps * scale
     logger.info("Cholesky failed on the Gram matrix; using its eigendecomposition")
     return Whitener(V * np.sqrt(w)[None, :], "eigh", eps)
+
+
+def _diagonal_whitener(counts: np.ndarray, mode: str, eps: float) -> Whitener:
+    """Whitener of a diagonal Gram matrix given as a vector (one-hot inputs: row counts).
+
+    ``full`` is then exact: ``L = diag(sqrt(c + jitter))`` minimizes the output error on the
+    calibration inputs, i.e. each row's error weighted by how often it was read. A row never
+    read gets the jitter's small weight; its factor row then becomes (nearly) its least-squares
+    projection on the subspace the frequent rows chose, not noise. ``diag`` softens the weights
+    as for features (ASVD's exponent).
+    """
+    K = counts.shape[0]
+    if not np.all(np.isfinite(counts)):
+        return Whitener(np.ones(K), "identity (non-finite calibration activations)", eps)
+    scale = float(counts.sum()) / K if K else 0.0
+    if scale <= 0.0:
+        return Whitener(np.ones(K), "identity (layer input is zero on the calibration data)", eps)
+    exponent = 0.5 if mode == "full" else ASVD_ALPHA / 2
+    return Whitener((counts + eps * scale) ** exponent, "diag", eps)

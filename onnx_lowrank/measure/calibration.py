@@ -14,7 +14,6 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,22 +23,14 @@ import onnxruntime as ort
 from onnx import helper
 from tqdm.auto import tqdm
 
-from onnx_lowrank.measure.harness import HarnessError, accuracy_threads, create_session
+from onnx_lowrank.measure.errors import HarnessError
+from onnx_lowrank.measure.sessions import accuracy_threads, create_session
 from onnx_lowrank.model_io import ModelError, is_external
+from onnx_lowrank.statistics import CalibrationStats
 
-__all__ = ["CalibrationStats", "collect_grams", "split_samples", "sample_count"]
+__all__ = ["collect_grams", "split_samples", "sample_count"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class CalibrationStats:
-    """Gram matrices keyed by ``(activation, feature_key)`` and what it took to get them."""
-
-    grams: dict[Any, np.ndarray] = field(default_factory=dict)
-    rows: dict[Any, int] = field(default_factory=dict)
-    samples: int = 0
-    seconds: float = 0.0
 
 
 def sample_count(inputs: Mapping[str, np.ndarray]) -> int:
@@ -77,10 +68,12 @@ def collect_grams(
     requests : sequence
         Objects with ``activation`` (tensor name), ``feature_key`` (hashable; requests with the
         same activation and key share one Gram) and ``features(array) -> (rows, K)``; the
-        driver's candidates.
+        driver's candidates. Requests with ``diagonal_statistic`` true give
+        ``row_counts(array) -> (K,)`` instead, accumulated as the Gram matrix's diagonal (a
+        1-D array in :attr:`CalibrationStats.grams`).
     inputs : mapping of str to ndarray
         ``{input name: (samples, *input_shape)}`` as returned by
-        :func:`onnx_lowrank.measure.harness.load_inputs`.
+        :func:`onnx_lowrank.measure.inputs.load_inputs`.
     progress : bool
         Progress bar on stderr.
     base_dir : str, optional
@@ -114,6 +107,13 @@ def collect_grams(
             for key, req in wanted.items():
                 act_name = key[0]
                 act = feed[act_name] if act_name in graph_inputs else outs[index[act_name]]
+                if getattr(req, "diagonal_statistic", False):
+                    # A lookup's inputs are one-hot rows: their Gram matrix is the diagonal of
+                    # row counts, kept as a vector (30522 x 30522 would not fit).
+                    counts = np.asarray(req.row_counts(np.asarray(act)), dtype=np.float64)
+                    stats.grams[key] = stats.grams.get(key, 0.0) + counts
+                    stats.rows[key] = stats.rows.get(key, 0) + int(np.asarray(act).size)
+                    continue
                 rows = np.asarray(req.features(np.asarray(act)), dtype=np.float64)
                 pending[key].append(rows)
                 waiting[key] += rows.shape[0]

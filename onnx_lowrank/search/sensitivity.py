@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from tqdm.auto import tqdm
 
-from onnx_lowrank.measure import harness
+from onnx_lowrank.measure import accuracy, inputs, sessions
 from onnx_lowrank.config import LowRankConfig
 from onnx_lowrank.passes import PassState, find_candidates
 from onnx_lowrank.passes.planning import attach_whiteners, estimate_macs
@@ -120,9 +120,9 @@ def measure_sensitivity(
     for row, cand in found:
         groups[cand.share_key].append((row, cand))
     source = evaluation if evaluation is not None else calibration
-    n = harness.num_samples(source)
+    n = inputs.num_samples(source)
     evaluation = {k: v[: min(n, MAX_EVAL_SAMPLES)] for k, v in source.items()}
-    reference = harness.run_samples(harness.create_session(model, threads=harness.accuracy_threads()), evaluation)
+    reference = sessions.run_samples(sessions.create_session(model, threads=sessions.accuracy_threads()), evaluation)
     if flops and state.macs is None:
         state.macs, state.shapes = estimate_macs(model, input_shapes)
 
@@ -166,8 +166,8 @@ def _measure_layer(trials: TrialModels, members: list, be: int, ranks: list[int]
     for rank in ranks:
         cfg = replace(config, include=tuple(f"^{re.escape(label)}$" for label in labels), latency="off")
         trial, _ = trials.build(cfg, calibration, input_shapes, {label: rank for label in labels})
-        outputs = harness.run_samples(trials.session(trial), evaluation)
-        loss = harness.max_error(harness.compare_outputs(reference, outputs))
+        outputs = sessions.run_samples(trials.session(trial), evaluation)
+        loss = accuracy.max_error(accuracy.compare_outputs(reference, outputs))
         options.append((rank, cand.factored_params(rank) * rows_per, float(loss)))
         bar.update(1)
     options.append((None, dense, 0.0))

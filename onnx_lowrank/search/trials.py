@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnx_lowrank.measure import harness
+from onnx_lowrank.measure import sessions
 from onnx_lowrank.config import LowRankConfig
 from onnx_lowrank.model_io import SpilledWeights
 from onnx_lowrank.passes import PassState, apply_lowrank
@@ -91,11 +91,11 @@ class TrialModels:
     def session(self, trial: onnx.ModelProto) -> ort.InferenceSession:
         """An onnxruntime session of a trial (loaded next to the spilled weights)."""
         if self._directory is None:
-            return harness.create_session(trial, threads=harness.accuracy_threads())
+            return sessions.create_session(trial, threads=sessions.accuracy_threads())
         path = os.path.join(self._directory, "trial.onnx")
         with open(path, "wb") as f:
             f.write(trial.SerializeToString())
-        return harness.create_session(path, threads=harness.accuracy_threads())
+        return sessions.create_session(path, threads=sessions.accuracy_threads())
 
     def materialize(self, trial: onnx.ModelProto) -> None:
         """Read the weights a trial still refers to back into it (before the spill is removed)."""
