@@ -795,7 +795,7 @@ def render(result: dict[str, Any]) -> str:
 LIMITATIONS: list[str] = [
     "- **Calibration cost was per sample, not per row** (found by this study, fixed since): each sample paid a "
     "float64 K x K update per layer input, memory-bound when a sample has few rows (profiled on MiniLM: 8.6 s in "
-    "that loop vs 0.8 s in onnxruntime for 20 sentences). `onnx_lowrank/calibration.py` now gathers 2048 rows per "
+    "that loop vs 0.8 s in onnxruntime for 20 sentences). `onnx_lowrank/measure/calibration.py` now gathers 2048 rows per "
     "GEMM; MiniLM's calibration went from 20.8 s to 2.5 s. This study still packs 8 sequences per sample.",
     "- **Measured sensitivity was measured in-sample** (found by this study, fixed since): the whiteners were "
     "built from the samples the losses were measured on, so layers whose Gram matrix is rank-deficient "
