@@ -165,6 +165,7 @@ class GraphContext:
             self._names.update(n.name for n in g.node)
             self._names.update(o for n in g.node for o in n.output)
             self._names.update(t.name for t in g.initializer)
+            self._names.update(t.values.name for t in g.sparse_initializer)
             self._names.update(v.name for v in list(g.input) + list(g.output) + list(g.value_info))
             if g is not graph:
                 self.subgraph_refs.update(i for n in g.node for i in n.input)

@@ -75,6 +75,13 @@ def run_job(job: FactorJob) -> JobResult:
     JobResult
         ``skipped`` says why when the weight, read for the first time here, holds NaN or Inf.
     """
+    # One BLAS thread, whoever runs the job: OpenBLAS results can depend on its thread count,
+    # and a job must give the same bytes in any executor.
+    with threadpool_limits(limits=1):
+        return _run_job(job)
+
+
+def _run_job(job: FactorJob) -> JobResult:
     start = time.perf_counter()
     cand, rank = job.candidate, job.rank
     try:

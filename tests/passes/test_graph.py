@@ -236,8 +236,6 @@ def test_unique_avoids_names_of_nested_loop_bodies():
     assert ctx.unique("cond_in") == "cond_in_1"  # a subgraph input
 
 
-@pytest.mark.xfail(strict=True, reason="GraphContext._names skips graph.sparse_initializer: unique() can hand out "
-                                       "the name of a sparse initializer")
 def test_unique_avoids_sparse_initializer_names():
     model = _raw_model([], [vi("x", [2])], [vi("x", [2])])
     dense = numpy_helper.from_array(np.array([1.0, 2.0], np.float32), "sp")

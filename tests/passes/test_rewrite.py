@@ -233,8 +233,9 @@ def test_dead_untouched_nodes_stay_and_keep_their_order():
     original = onnx.ModelProto()
     original.CopyFrom(model)
     a, b = _svd_split(w)
+    ctx = GraphContext(model)  # built first: it holds the node wrappers whose ids key the rewrites
     apply_rewrites(model, {id(_node(model, "mm")): Rewrite(_matmul_pair("s", "h", "w/a", "w/b", "mm"),
-                                                            [("w/a", a), ("w/b", b)])}, ["w"], GraphContext(model))
+                                                            [("w/a", a), ("w/b", b)])}, ["w"], ctx)
     assert [n.name for n in model.graph.node] == ["dead", "sig", "mm/lowrank_a", "mm/lowrank_b", "dead_mm", "tanh"]
     for name in ("dead", "sig", "dead_mm", "tanh"):
         assert _node(model, name).SerializeToString() == _node(original, name).SerializeToString()
@@ -293,8 +294,9 @@ def test_value_info_of_removed_tensors_dropped_others_kept():
     model.graph.value_info.extend(infos)
     kept = [model.graph.value_info[2].SerializeToString(), model.graph.value_info[4].SerializeToString()]
     a, b = _svd_split(w_stored.T)
+    ctx = GraphContext(model)
     apply_rewrites(model, {id(_node(model, "mm")): Rewrite(_matmul_pair("xr", "h", "w/a", "w/b", "mm"),
-                                                            [("w/a", a), ("w/b", b)])}, ["w"], GraphContext(model))
+                                                            [("w/a", a), ("w/b", b)])}, ["w"], ctx)
     assert [v.name for v in model.graph.value_info] == ["xr", "h"]
     assert _bytes(model.graph.value_info) == kept
     assert [n.name for n in model.graph.node] == ["relu", "mm/lowrank_a", "mm/lowrank_b", "tanh"]
@@ -316,8 +318,9 @@ def test_model_level_fields_unchanged():
     meta, opsets = _bytes(model.metadata_props), _bytes(model.opset_import)
     graph_fields = (model.graph.name, model.graph.doc_string, _bytes(model.graph.input), _bytes(model.graph.output))
     a, b = _svd_split(w)
+    ctx = GraphContext(model)
     apply_rewrites(model, {id(_node(model, "mm")): Rewrite(_matmul_pair("x1", "h", "w/a", "w/b", "mm"),
-                                                            [("w/a", a), ("w/b", b)])}, ["w"], GraphContext(model))
+                                                            [("w/a", a), ("w/b", b)])}, ["w"], ctx)
     assert {f: getattr(model, f) for f in before} == before
     assert _bytes(model.metadata_props) == meta
     assert _bytes(model.opset_import) == opsets
@@ -340,8 +343,8 @@ def test_shared_weight_factors_stored_once():
     first = Rewrite(_matmul_pair("x", "h1", "w/lowrank_a", "w/lowrank_b", "mm1"),
                     [("w/lowrank_a", a), ("w/lowrank_b", b)])
     second = Rewrite(_matmul_pair("r", "y", "w/lowrank_a", "w/lowrank_b", "mm2"))  # reuses the names
-    apply_rewrites(model, {id(_node(model, "mm1")): first, id(_node(model, "mm2")): second}, ["w", "w"],
-                   GraphContext(model))
+    ctx = GraphContext(model)
+    apply_rewrites(model, {id(_node(model, "mm1")): first, id(_node(model, "mm2")): second}, ["w", "w"], ctx)
     onnx.checker.check_model(model, full_check=True)
     assert [t.name for t in model.graph.initializer] == ["w/lowrank_a", "w/lowrank_b"]
     assert [n.name for n in model.graph.node] == ["mm1/lowrank_a", "mm1/lowrank_b", "relu",
