@@ -6,6 +6,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from onnx_lowrank.core.prediction import predicted_output_error
+
 __all__ = ["LayerResult", "Report", "format_count", "format_bytes"]
 
 
@@ -66,6 +68,15 @@ class Report:
     def skipped(self) -> list[LayerResult]:
         return [row for row in self.layers if not row.factorized]
 
+    @property
+    def predicted_output_error(self) -> float:
+        """Data-free prediction of the model's relative output error: the root-sum-square of the
+        factorized layers' errors (whitened output errors where calibrated, else weight errors);
+        see :mod:`onnx_lowrank.core.prediction` and docs/prediction.md. Not a measurement."""
+        return predicted_output_error(
+            r.whitened_error if r.whitened_error is not None else r.rel_error for r in self.factorized
+        )
+
     def totals(self) -> dict[str, Any]:
         """Parameter, size and time totals (the ``totals`` object of the JSON)."""
         done = self.factorized
@@ -89,6 +100,7 @@ class Report:
             "size_before": self.size_before,
             "size_after": self.size_after,
             "size_ratio": _ratio(self.size_after, self.size_before),
+            "predicted_output_error": self.predicted_output_error,
             "seconds": dict(self.seconds),
         }
         macs = [r for r in self.layers if r.macs_before is not None]
@@ -201,6 +213,9 @@ class Report:
             )
             if not search.get("compressed", True):
                 lines.append("  no compressed model met the limit: every layer was kept dense")
+        source = ("from the layers' output errors on the calibration data" if whitened
+                  else "data-free, from the layers' weight errors")
+        lines.append(f"predicted output error {self.predicted_output_error:.2f} ({source}; not measured)")
         if self.seconds:
             parts = ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items())
             lines.append(f"time: {parts}")

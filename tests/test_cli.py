@@ -190,7 +190,9 @@ def test_check_max_error_gates_the_check(tmp_path, small_model, capsys):
     check = ["--check", "--shape", "batch=2", "--samples", "3"]
     code, stdout, stderr = run_cli(capsys, "optimize", small_model, out, "--rank", "4", *check, "--check-max-error", "1e-9")
     assert code == 1 and out.exists()  # written, then the gate fails
-    assert len(stderr.strip().splitlines()) == 1, stderr
+    # a random 64x48 matrix at rank 4 is also predicted ruined (0.87): one warning, one failure line
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 2 and "probably ruined" in lines[0] and "check failed" in lines[1], stderr
     assert "check failed: worst output error" in stderr and "exceeds --check-max-error 1e-09" in stderr
     assert "> --check-max-error 1e-09" in stdout
 
@@ -235,3 +237,72 @@ def test_optimize_help_states_the_config_defaults(capsys):
         assert f"(default {CONFIG_DEFAULTS[name]})" in text, name
     assert f"(default {','.join(CONFIG_DEFAULTS['op_types'])})" in text
     assert f"{CONFIG_DEFAULTS['method']}: randomized subspace iteration (default)" in text
+
+
+# --- the predicted output error: reported, warned about, and gating the default run --------------
+
+
+def _digits_pixels(tmp_path: Path) -> Path:
+    with np.load(DATA / "digits_heldout.npz") as d:
+        path = tmp_path / "pixels.npz"
+        np.savez(path, pixels=d["pixels"][:200])
+    return path
+
+
+def test_ruined_prediction_warns_once_on_stderr(tmp_path, capsys):
+    from onnx_lowrank.core.prediction import RUINED_THRESHOLD
+
+    out = tmp_path / "o.onnx"
+    # digits at --ratio 0.1: predicted 1.26; real top-1 agreement 0.20 (docs/prediction.md)
+    code, stdout, stderr = run_cli(capsys, "optimize", DIGITS, out, "--ratio", "0.1")
+    assert code == 0 and out.exists()  # an explicit policy only warns
+    warnings = [ln for ln in stderr.splitlines() if "probably ruined" in ln]
+    assert len(warnings) == 1 and len(stderr.strip().splitlines()) == 1, stderr
+    assert f"> {RUINED_THRESHOLD:g}" in warnings[0] and "--calibration DATA.npz" in warnings[0]
+    assert "--ratio 0.8" in warnings[0] and "--exclude" in warnings[0] and "exit code 1" not in warnings[0]
+    assert "probably ruined" not in stdout
+    assert "predicted output error 1.26 (data-free, from the layers' weight errors; not measured)" in stdout
+    # --quiet silences the table, not the warning
+    code, stdout, stderr = run_cli(capsys, "optimize", DIGITS, out, "--ratio", "0.1", "--quiet")
+    assert code == 0 and stdout == "" and stderr.count("probably ruined") == 1
+
+
+def test_gentle_run_does_not_warn(tmp_path, capsys):
+    code, stdout, stderr = run_cli(capsys, "optimize", DIGITS, tmp_path / "o.onnx", "--energy", "0.95")
+    assert code == 0 and "probably ruined" not in stderr, stderr
+    assert "predicted output error 0.37" in stdout
+
+
+def test_json_carries_the_prediction(tmp_path, capsys):
+    code, stdout, _ = run_cli(capsys, "optimize", DIGITS, tmp_path / "o.onnx", "--ratio", "0.1", "--json")
+    data = json.loads(stdout)
+    assert code == 0 and data["totals"]["predicted_output_error"] == pytest.approx(1.263, abs=1e-3)
+
+
+def test_explicit_ratio_keeps_its_bytes_and_exit_code(tmp_path, capsys):
+    # --ratio 0.5 given explicitly is what was asked for: it warns, exits 0, and writes the same
+    # bytes as the default run (which exits 1 because it is predicted ruined)
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    code_explicit, _, err_explicit = run_cli(capsys, "optimize", DIGITS, a, "--ratio", "0.5")
+    code_default, _, err_default = run_cli(capsys, "optimize", DIGITS, b)
+    assert code_explicit == 0 and "probably ruined" in err_explicit
+    assert code_default == 1 and err_default.count("probably ruined") == 1
+    assert "exit code 1 because this is the default policy (--ratio 0.5)" in err_default
+    assert _sha(a) == _sha(b)
+
+
+def test_check_fails_on_a_checked_ruined_model(tmp_path, capsys):
+    from onnx_lowrank.core.prediction import RUINED_THRESHOLD
+
+    out, pixels = tmp_path / "o.onnx", _digits_pixels(tmp_path)
+    code, stdout, stderr = run_cli(capsys, "optimize", DIGITS, out, "--rank", "1", "--check", "--inputs", pixels)
+    check = [ln for ln in stderr.splitlines() if "check failed" in ln]
+    assert code == 1 and out.exists() and len(check) == 1, stderr
+    assert f"exceeds {RUINED_THRESHOLD:g}, above which a model is probably ruined" in check[0]
+    # --check-max-error rules when given
+    code, _, stderr = run_cli(capsys, "optimize", DIGITS, out, "--rank", "1", "--check", "--inputs", pixels,
+                              "--check-max-error", "100")
+    assert code == 0 and "check failed" not in stderr
+    # a gentle model passes the default gate
+    code, _, stderr = run_cli(capsys, "optimize", DIGITS, out, "--energy", "0.95", "--check", "--inputs", pixels)
+    assert code == 0, stderr

@@ -26,6 +26,7 @@ from onnx_lowrank.cli.common import (
     non_negative_int,
     positive_int,
 )
+from onnx_lowrank.core.prediction import RUINED_THRESHOLD, is_large
 from onnx_lowrank.config import ALLOCATIONS, CONV_SCHEMES, DEFAULT_RATIO, LATENCY_MODES, METHODS, WHITEN_MODES, LowRankConfig
 from onnx_lowrank.model_io import ModelError, check_output_path, model_file_size, save_model
 from onnx_lowrank.report import Report
@@ -182,7 +183,8 @@ def add_optimize_arguments(parser: argparse.ArgumentParser) -> None:
     c.add_argument("--check", action="store_true",
                    help="after writing OUT, run both models on the same inputs and report the error per output")
     c.add_argument("--check-max-error", type=fraction, metavar="E",
-                   help="with --check: exit 1 when the worst relative L2 error of an output exceeds E")
+                   help="with --check: exit 1 when the worst relative L2 error of an output exceeds E (default "
+                   f"{RUINED_THRESHOLD:g}, above which a model is probably ruined)")
     c.add_argument("--inputs", metavar="DATA.npz", help="with --check: real inputs, one array per model input (first axis = samples)")
     c.add_argument("--shape", action="append", default=[], metavar="NAME=DxD",
                    help="with --check and no --inputs: value of a symbolic dimension or input shape (repeatable)")
@@ -203,7 +205,8 @@ def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
     o = parser.add_argument_group("output")
     o.add_argument("--report", metavar="PATH.json", help="write the per-layer report as JSON")
     o.add_argument("--json", action="store_true", help="print the report as JSON on stdout instead of the table")
-    o.add_argument("--quiet", action="store_true", help="print nothing on success")
+    o.add_argument("--quiet", action="store_true",
+                   help="print nothing on success (the warning about a probably ruined model is still printed)")
     o.add_argument("--verbose", "-v", action="store_true", help="log progress details (and tracebacks) on stderr")
 
 
@@ -242,7 +245,8 @@ def _emit(report: Report, args: argparse.Namespace, extra: dict[str, Any] | None
 
 
 def run_optimize(args: argparse.Namespace) -> int:
-    """Run ``optimize`` for parsed arguments; returns the exit code (0 ok, 1 check failed).
+    """Run ``optimize`` for parsed arguments; returns the exit code (0 ok, 1 check failed, or no
+    rank option given and the result predicted ruined).
 
     Raises
     ------
@@ -267,21 +271,53 @@ def run_optimize(args: argparse.Namespace) -> int:
         raise UsageError("--check-max-error needs --check (it limits the error --check measures)")
     if args.check_max_error is not None and not args.check_max_error > 0:
         raise UsageError(f"--check-max-error must be > 0, got {args.check_max_error}")
+    # No rank option at all: the default policy, which must not report success on a model it
+    # predicts ruined (explicit options only warn; their output is what was asked for).
+    default_policy = all(getattr(args, p, None) is None for p in _POLICY_OPTIONS)
     report = _optimize_to(args.input, args.output, args)
     extra = None
     if args.check:
         extra = {"check": _check(args)}
     _emit(report, args, extra)
+    code = 0
+    predicted = report.predicted_output_error
+    if is_large(predicted):
+        print(_ruined_warning(predicted, args, default_policy), file=sys.stderr)
+        if default_policy:
+            code = 1
     if extra is not None:
         worst = extra["check"]["max_rel_l2"]
         if not args.quiet and not args.json:
             print(_format_check(extra["check"]))
-        if args.check_max_error is not None and worst > args.check_max_error:
-            print(f"onnx-lowrank optimize: check failed: worst output error {worst:.4g} exceeds --check-max-error "
-                  f"{args.check_max_error:g} ({args.output} was written; raise the rank or loosen the limit)",
-                  file=sys.stderr)
-            return 1
-    return 0
+        limit = args.check_max_error if args.check_max_error is not None else RUINED_THRESHOLD
+        if is_large(worst, limit):
+            why = (f"--check-max-error {limit:g}" if args.check_max_error is not None else
+                   f"{limit:g}, above which a model is probably ruined (docs/prediction.md; set --check-max-error "
+                   "to choose the limit)")
+            print(f"onnx-lowrank optimize: check failed: worst output error {worst:.4g} exceeds {why} "
+                  f"({args.output} was written; raise the rank or loosen the limit)", file=sys.stderr)
+            code = 1
+    return code
+
+
+#: The options that choose a rank policy; with none of them the run uses the default policy.
+_POLICY_OPTIONS = ("rank", "ratio", "energy", "target_params", "target_flops", "max_error")
+
+
+def _ruined_warning(predicted: float, args: argparse.Namespace, default_policy: bool) -> str:
+    """The one stderr line about a model predicted ruined: what was predicted and what to do."""
+    fixes = []
+    if not getattr(args, "calibration", None):
+        fixes.append("--calibration DATA.npz (factorize for real inputs)")
+    fixes.append("a larger budget (e.g. --ratio 0.8 or --energy 0.99)")
+    fixes.append("--exclude REGEX to keep the worst layers dense")
+    line = (f"onnx-lowrank optimize: warning: predicted output error {predicted:.2f} > {RUINED_THRESHOLD:g}: "
+            f"{args.output} is probably ruined (estimate from the layers' errors, see docs/prediction.md); "
+            f"try {', or '.join(fixes)}")
+    if default_policy:
+        line += (f"; exit code 1 because this is the default policy (--ratio {DEFAULT_RATIO:g}); "
+                 "give a rank option explicitly to accept it")
+    return line
 
 
 def _check(args: argparse.Namespace) -> dict[str, Any]:
