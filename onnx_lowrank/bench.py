@@ -48,6 +48,7 @@ from onnx_lowrank.measure import arm64 as A
 from onnx_lowrank.measure.accuracy import compare_outputs, max_error
 from onnx_lowrank.measure.errors import InputError, one_line
 from onnx_lowrank.measure.inputs import (
+    GENERATED_CAUTION,
     input_specs,
     load_inputs,
     load_labels,
@@ -275,7 +276,7 @@ def _prepare_inputs(
         int_range = parse_int_range(config.int_range) if isinstance(config.int_range, str) else config.int_range
         n = config.samples or DEFAULT_SAMPLES
         inputs = make_inputs(original, shapes=shapes, int_range=int_range, samples=n, seed=config.seed)
-        source = f"{n} generated samples (seed {config.seed})"
+        source = f"{n} generated samples (seed {config.seed}; {GENERATED_CAUTION})"
     if config.labels:
         labels = load_labels(config.labels)
     total = num_samples(inputs)

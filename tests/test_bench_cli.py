@@ -150,7 +150,6 @@ def test_new_operator_type_is_reported_by_the_mobile_check(models, tmp_path, cap
     ("argv_tail", "npz", "needle", "code"),
     [
         (["--shape", "N=1"], None, "model file not found", 2),  # compressed path replaced below
-        ([], None, "symbolic dimension(s) not set: x[0] (N)", 2),
         (["--shape", "N"], None, "bad --shape 'N'", 2),
         (["--shape", "batch=1"], None, "no input or symbolic dimension of that name", 2),
         (["--inputs"], {"X": np.zeros((2, 16), np.float32)}, "no array for model input(s) 'x'", 2),
@@ -265,3 +264,11 @@ def test_bench_config_defaults_are_the_cli_defaults():
     args = parser.parse_args(["orig.onnx"])
     assert config_from_args(args) == BenchConfig()
     assert {f.name for f in fields(BenchConfig)} <= set(vars(args))
+
+
+def test_free_dimensions_default_to_one_with_a_note(models, capsys, caplog):
+    orig, comp, _ = models
+    code, out, err = bench([orig, comp, "--samples", "2", "--runs", "2"], capsys)
+    assert code == 0, err
+    assert "free dimension(s) x[0] (N) set to 1; choose them with --shape x=Nx16" in caplog.text
+    assert "2 generated samples (seed 0; caution: generated, not real data" in out

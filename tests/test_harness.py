@@ -224,14 +224,14 @@ def test_parse_shapes_and_int_range():
         parse_int_range("5:5")
 
 
-def test_make_inputs_shapes_dtypes_and_seed(tmp_path):
+def test_make_inputs_shapes_dtypes_and_seed(tmp_path, caplog):
     path = token_model(tmp_path / "tok.onnx")
-    with pytest.raises(InputError) as err:
-        make_inputs(path)
-    msg = str(err.value)
-    assert "input_ids[0] (batch)" in msg and "input_ids[1] (seq)" in msg and "--shape" in msg
-    with pytest.raises(InputError, match=r"attention_mask\[1\] \(seq\)"):
-        make_inputs(path, shapes={"input_ids": (1, 6)})  # the mask's own dims still unset
+    free = make_inputs(path)  # free dimensions are 1, with a note naming them and the --shape to set
+    assert all(a.shape == (1, 1, 1) for a in free.values())
+    msg = caplog.text
+    assert "input_ids[0] (batch)" in msg and "input_ids[1] (seq)" in msg and "set to 1" in msg and "--shape" in msg
+    shared = make_inputs(path, shapes={"input_ids": (1, 6)})  # the mask shares the named dims batch, seq
+    assert shared["attention_mask"].shape == (1, 1, 6)
     inp = make_inputs(path, shapes={"batch": 1, "seq": 6}, int_range=(3, 7), samples=4, seed=5)
     assert inp["input_ids"].shape == (4, 1, 6) and inp["input_ids"].dtype == np.int64
     assert inp["input_ids"].min() >= 3 and inp["input_ids"].max() < 7
