@@ -310,7 +310,7 @@ def _inputs(data: Inputs, model: onnx.ModelProto, what: str) -> dict[str, np.nda
         if isinstance(data, Mapping):
             return inputs.normalize_inputs(dict(data), inputs.input_specs(model), source=what)
         return inputs.load_inputs(data, model)
-    except errors.InputError as exc:
+    except (errors.InputError, errors.MissingFileError) as exc:
         raise ModelError(f"--{what}: {exc}") from None
 
 

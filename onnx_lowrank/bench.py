@@ -46,7 +46,7 @@ import onnxruntime as ort
 
 from onnx_lowrank.measure import arm64 as A
 from onnx_lowrank.measure.accuracy import compare_outputs, max_error
-from onnx_lowrank.measure.errors import InputError, one_line
+from onnx_lowrank.measure.errors import InputError, MissingFileError, one_line
 from onnx_lowrank.measure.inputs import (
     GENERATED_CAUTION,
     input_specs,
@@ -232,10 +232,10 @@ class BenchResult:
 def _check_config(original: str, compressed: Sequence[str], config: BenchConfig) -> list[str]:
     for path in [original, *compressed]:
         if not os.path.isfile(path):
-            raise InputError(f"model file not found: {path}")
+            raise MissingFileError(f"model file not found: {path}")
     for opt, path in (("--inputs", config.inputs), ("--labels", config.labels)):
         if path is not None and not os.path.isfile(path):
-            raise InputError(f"{opt} file not found: {path}")
+            raise MissingFileError(f"{opt} file not found: {path}")
     if config.threads < 1:
         raise InputError(f"--threads must be >= 1, got {config.threads}")
     if config.runs is not None and config.runs < 0:

@@ -149,12 +149,12 @@ def test_new_operator_type_is_reported_by_the_mobile_check(models, tmp_path, cap
 @pytest.mark.parametrize(
     ("argv_tail", "npz", "needle", "code"),
     [
-        (["--shape", "N=1"], None, "model file not found", 2),  # compressed path replaced below
+        (["--shape", "N=1"], None, "model file not found", 1),  # compressed path replaced below; input failure
         (["--shape", "N"], None, "bad --shape 'N'", 2),
         (["--shape", "batch=1"], None, "no input or symbolic dimension of that name", 2),
         (["--inputs"], {"X": np.zeros((2, 16), np.float32)}, "no array for model input(s) 'x'", 2),
         (["--inputs"], {"x": np.zeros((2, 8), np.float32)}, "sample shape (1, 8)", 2),
-        (["--inputs"], {"x": np.zeros((2, 16), np.float32)}, "inputs file not found", 2),
+        (["--inputs"], {"x": np.zeros((2, 16), np.float32)}, "inputs file not found", 1),
         (["--shape", "N=1", "--providers", "XnnpackProvider"], None, "unknown execution provider", 2),
         (["--shape", "N=1", "--int-range", "9:2"], None, "bad --int-range", 2),
     ],
@@ -173,7 +173,7 @@ def test_bad_inputs_give_one_line(models, tmp_path, capsys, argv_tail, npz, need
     assert got == code
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
-    assert lines[0].startswith("error: ") and needle in lines[0], lines[0]
+    assert lines[0].startswith("onnx-lowrank bench: error: ") and needle in lines[0], lines[0]
     assert "Traceback" not in err and out == ""
 
 
@@ -183,7 +183,7 @@ def test_model_that_fails_to_load_is_exit_1(models, tmp_path, capsys):
     junk.write_bytes(b"\x08\x07garbage")
     got, _, err = bench([orig, junk, "--shape", "N=1", "--runs", "0"], capsys)
     assert got == 1
-    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert err.startswith("onnx-lowrank bench: error: ") and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.skipif(importlib.util.find_spec("matplotlib") is not None, reason="matplotlib is installed")

@@ -306,3 +306,25 @@ def test_check_fails_on_a_checked_ruined_model(tmp_path, capsys):
     # a gentle model passes the default gate
     code, _, stderr = run_cli(capsys, "optimize", DIGITS, out, "--energy", "0.95", "--check", "--inputs", pixels)
     assert code == 0, stderr
+
+
+@pytest.mark.parametrize("argv", [
+    ["optimize", "{missing}", "{out}"],
+    ["analyze", "{missing}"],
+    ["bench", "{missing}"],
+    ["bench", "{model}", "{missing}"],
+    ["optimize", "{model}", "{out}", "--calibration", "{missing_npz}"],
+    ["bench", "{model}", "--inputs", "{missing_npz}"],
+], ids=["optimize", "analyze", "bench", "bench-compressed", "optimize-calibration", "bench-inputs"])
+def test_every_subcommand_missing_file_is_exit_1_with_one_prefix(tmp_path, capsys, argv):
+    """One contract: an input failure (a file that is not there) is exit 1, one line, one prefix."""
+    model = save_small_matmul(tmp_path / "m.onnx")
+    names = {"missing": tmp_path / "nope.onnx", "out": tmp_path / "o.onnx", "model": model,
+             "missing_npz": tmp_path / "nope.npz"}
+    filled = [str(names[a[1:-1]]) if a.startswith("{") else a for a in argv]
+    code, out, err = run_cli(capsys, *filled)
+    lines = err.strip().splitlines()
+    assert code == 1, err
+    assert len(lines) == 1 and lines[0].startswith(f"onnx-lowrank {argv[0]}: error: "), err
+    assert "not found" in lines[0] or "no such file" in lines[0]
+    assert "Traceback" not in err and not (tmp_path / "o.onnx").exists()

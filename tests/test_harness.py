@@ -24,7 +24,7 @@ from onnx_lowrank.measure.accuracy import (
     task_accuracy,
     top1_agreement,
 )
-from onnx_lowrank.measure.errors import HarnessError, InputError
+from onnx_lowrank.measure.errors import HarnessError, InputError, MissingFileError
 from onnx_lowrank.measure.inputs import load_inputs, load_labels, make_inputs, parse_int_range, parse_shapes
 from onnx_lowrank.measure.mobile import mobile_usability, new_operators, ort_format_check
 from onnx_lowrank.measure.sessions import OPT_LEVELS, accuracy_threads, create_session, provider_assignment, run_samples
@@ -268,7 +268,7 @@ def test_load_inputs_layouts_and_errors(tmp_path):
     np.savez(tmp_path / "e.npz", x=np.zeros((6,), np.float32))
     with pytest.raises(InputError, match="has shape"):
         load_inputs(tmp_path / "e.npz", path)
-    with pytest.raises(InputError, match="not found"):
+    with pytest.raises(MissingFileError, match="not found"):  # an input failure, not a usage error
         load_inputs(tmp_path / "missing.npz", path)
 
     tok = token_model(tmp_path / "tok.onnx")
@@ -328,7 +328,7 @@ def test_create_session_options_and_errors(tmp_path):
     assert opts.graph_optimization_level == OPT_LEVELS["basic"]
     with pytest.raises(InputError, match="unknown optimization level"):
         create_session(path, opt_level="max")
-    with pytest.raises(InputError, match="not found"):
+    with pytest.raises(MissingFileError, match="not found"):
         create_session(tmp_path / "nope.onnx")
     (tmp_path / "junk.onnx").write_bytes(b"not a model")
     with pytest.raises(HarnessError, match="cannot load"):

@@ -5,7 +5,8 @@ take), runs :func:`onnx_lowrank.bench.bench`, prints its tables on stdout and wr
 (``--json``) and the plot (``--plot``).
 
 Exit codes: 0 success; 1 a failure (a model does not run, ``--max-error`` exceeded, a mobile
-check failed); 2 a usage error. Errors are one line on stderr starting with ``error: ``.
+check failed, a file missing); 2 a usage error. Errors are one line on stderr,
+``onnx-lowrank bench: error: ...``, as for every subcommand.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import sys
 from typing import Any
 
+from onnx_lowrank.cli.common import print_error
 from onnx_lowrank.bench import DEFAULT_RUNS, DEFAULT_SAMPLES, DEFAULT_TIME_BUDGET_S, BenchConfig, bench
 from onnx_lowrank.measure.errors import HarnessError, InputError, one_line
 from onnx_lowrank.measure.inputs import DEFAULT_INT_RANGE
@@ -142,18 +144,18 @@ def run_bench(args: argparse.Namespace) -> int:
     try:
         failures = _bench(args)
     except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error("bench", exc)
         return 2
-    except HarnessError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except HarnessError as exc:  # a model that does not run, a file that is missing
+        print_error("bench", exc)
         return 1
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        print_error("bench", "interrupted")
         return 130
     except Exception as exc:  # noqa: BLE001 - a user sees one line, a developer asks for the traceback
         if logging.getLogger("onnx_lowrank").isEnabledFor(logging.DEBUG):
             raise
-        print(f"error: unexpected {type(exc).__name__}: {one_line(exc)}", file=sys.stderr)
+        print_error("bench", f"unexpected {type(exc).__name__}: {one_line(exc)}")
         return 1
     for f in failures:
         print(f"FAIL: {f}", file=sys.stderr)

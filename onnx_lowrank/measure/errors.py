@@ -19,6 +19,11 @@ class InputError(HarnessError, ValueError):
     """User-supplied inputs or options are wrong (exit code 2 in the CLI)."""
 
 
+class MissingFileError(HarnessError, FileNotFoundError):
+    """A model, inputs or labels file does not exist (an input failure: exit code 1 in the CLI,
+    as for every subcommand)."""
+
+
 def one_line(exc: BaseException) -> str:
     """An exception's message on one line, cut to 300 characters.
 

@@ -29,7 +29,7 @@ from typing import Mapping, Sequence, Union
 import numpy as np
 import onnx
 
-from onnx_lowrank.measure.errors import HarnessError, InputError
+from onnx_lowrank.measure.errors import HarnessError, InputError, MissingFileError
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def _load_proto(model: ModelLike, *, with_data: bool = False) -> onnx.ModelProto
         return model
     path = os.fspath(model)
     if not os.path.isfile(path):
-        raise InputError(f"model file not found: {path}")
+        raise MissingFileError(f"model file not found: {path}")
     try:
         return onnx.load(path, load_external_data=with_data)
     except Exception as exc:  # noqa: BLE001 - protobuf raises several types
@@ -363,7 +363,7 @@ def load_inputs(npz_path: str | os.PathLike[str], model: ModelLike) -> dict[str,
     """
     path = os.fspath(npz_path)
     if not os.path.isfile(path):
-        raise InputError(f"inputs file not found: {path}")
+        raise MissingFileError(f"inputs file not found: {path}")
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
@@ -473,7 +473,7 @@ def load_labels(path: str | os.PathLike[str]) -> np.ndarray:
     """
     p = os.fspath(path)
     if not os.path.isfile(p):
-        raise InputError(f"labels file not found: {p}")
+        raise MissingFileError(f"labels file not found: {p}")
     try:
         data = np.load(p, allow_pickle=False)
         if isinstance(data, np.lib.npyio.NpzFile):
@@ -483,7 +483,7 @@ def load_labels(path: str | os.PathLike[str]) -> np.ndarray:
                 arr = data["labels"]
         else:
             arr = data
-    except InputError:
+    except (InputError, MissingFileError):
         raise
     except Exception as exc:  # noqa: BLE001
         raise InputError(f"cannot read labels from {p}: {exc}") from exc

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnx_lowrank.measure.errors import HarnessError, InputError, one_line
+from onnx_lowrank.measure.errors import HarnessError, InputError, MissingFileError, one_line
 from onnx_lowrank.measure.inputs import ModelLike, num_samples, sample_feed
 
 __all__ = [
@@ -48,7 +48,7 @@ def _model_source(model: ModelLike) -> str | bytes:
             ) from exc
     path = os.fspath(model)
     if not os.path.isfile(path):
-        raise InputError(f"model file not found: {path}")
+        raise MissingFileError(f"model file not found: {path}")
     return path
 
 

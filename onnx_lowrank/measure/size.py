@@ -6,7 +6,7 @@ import os
 from typing import Any, Mapping, Sequence
 
 from onnx_lowrank import flops as _flops
-from onnx_lowrank.measure.errors import HarnessError, InputError
+from onnx_lowrank.measure.errors import HarnessError, MissingFileError
 from onnx_lowrank.model_io import ModelError, model_file_size
 
 __all__ = ["model_size_bytes", "model_stats"]
@@ -16,12 +16,12 @@ def model_size_bytes(path: str | os.PathLike[str]) -> int:
     """Bytes on disk of a model: the ``.onnx`` file plus every external data file it references.
 
     :func:`onnx_lowrank.model_io.model_file_size` with the measurement errors of
-    :mod:`onnx_lowrank.measure.errors`: ``InputError`` for a missing model file, ``HarnessError`` for
+    :mod:`onnx_lowrank.measure.errors`: ``MissingFileError`` for a missing model file, ``HarnessError`` for
     a missing external data file.
     """
     p = os.fspath(path)
     if not os.path.isfile(p):
-        raise InputError(f"model file not found: {p}")
+        raise MissingFileError(f"model file not found: {p}")
     try:
         return model_file_size(p)
     except ModelError as exc:
