@@ -328,3 +328,13 @@ def test_every_subcommand_missing_file_is_exit_1_with_one_prefix(tmp_path, capsy
     assert len(lines) == 1 and lines[0].startswith(f"onnx-lowrank {argv[0]}: error: "), err
     assert "not found" in lines[0] or "no such file" in lines[0]
     assert "Traceback" not in err and not (tmp_path / "o.onnx").exists()
+
+
+def test_check_with_a_bad_shape_fails_before_writing(tmp_path, capsys):
+    model = save_small_matmul(tmp_path / "m.onnx")
+    out = tmp_path / "o.onnx"
+    code, _, err = run_cli(capsys, "optimize", model, out, "--check", "--shape", "nosuch=1")
+    assert code == 2 and "--shape nosuch: the model has no input or symbolic dimension" in err
+    assert not out.exists()
+    code, _, err = run_cli(capsys, "optimize", model, out, "--check", "--inputs", tmp_path / "nope.npz")
+    assert code == 1 and "--inputs file not found" in err and not out.exists()

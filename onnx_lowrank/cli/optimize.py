@@ -274,6 +274,8 @@ def run_optimize(args: argparse.Namespace) -> int:
     # No rank option at all: the default policy, which must not report success on a model it
     # predicts ruined (explicit options only warn; their output is what was asked for).
     default_policy = all(getattr(args, p, None) is None for p in _POLICY_OPTIONS)
+    if args.check:
+        _check_inputs_first(args)  # a bad --shape or a missing --inputs fails before OUT is written
     report = _optimize_to(args.input, args.output, args)
     extra = None
     if args.check:
@@ -318,6 +320,23 @@ def _ruined_warning(predicted: float, args: argparse.Namespace, default_policy: 
         line += (f"; exit code 1 because this is the default policy (--ratio {DEFAULT_RATIO:g}); "
                  "give a rank option explicitly to accept it")
     return line
+
+
+def _check_inputs_first(args: argparse.Namespace) -> None:
+    """What ``--check`` will need, validated before any work or write."""
+    from onnx_lowrank.measure.errors import InputError, MissingFileError
+    from onnx_lowrank.measure.inputs import check_shapes, parse_shapes
+
+    if args.inputs:
+        if not Path(args.inputs).is_file():
+            raise ModelError(f"--inputs file not found: {args.inputs}")
+        return
+    try:
+        check_shapes(args.input, parse_shapes(args.shape) or None)
+    except InputError as exc:
+        raise UsageError(str(exc)) from None
+    except MissingFileError as exc:
+        raise ModelError(str(exc)) from None
 
 
 def _check(args: argparse.Namespace) -> dict[str, Any]:

@@ -34,6 +34,8 @@ from onnx_lowrank.measure.errors import HarnessError, InputError, MissingFileErr
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "GENERATED_CAUTION",
+    "check_shapes",
     "DEFAULT_INT_RANGE",
     "InputSpec",
     "ModelLike",
@@ -258,6 +260,18 @@ def _resolve_shapes(
         logger.warning("note: free dimension(s) %s set to 1; choose them with --shape %s=%s (or --shape DIM=N "
                        "per named dim), or pass real data with --inputs", ", ".join(unset), example.name, hint)
     return resolved
+
+
+def check_shapes(model: ModelLike, shapes: Mapping[str, Sequence[int] | int] | None) -> None:
+    """Validate ``--shape`` values against the model's inputs, before any work is done.
+
+    Raises
+    ------
+    InputError
+        A name that is neither an input nor a symbolic dimension, a rank or fixed dimension
+        that disagrees with the model.
+    """
+    _resolve_shapes(input_specs(model), shapes)
 
 
 def _fmt_spec_shape(shape: Sequence[int | str | None]) -> str:
