@@ -191,7 +191,7 @@ def test_plot_without_matplotlib(models, tmp_path, capsys):
     orig, comp, _ = models
     got, _, err = bench([orig, comp, "--shape", "N=1", "--plot", tmp_path / "p.png"], capsys)
     assert got == 2
-    assert err.strip() == "error: --plot needs matplotlib: pip install onnx-lowrank[plot]"
+    assert err.strip() == "onnx-lowrank bench: error: --plot needs matplotlib: pip install onnx-lowrank[plot]"
 
 
 @pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib is not installed")

@@ -15,6 +15,7 @@ import argparse
 import sys
 import time
 
+from onnx_lowrank.cli.common import print_error
 from onnx_lowrank.measure import arm64_setup
 
 __all__ = ["add_arm64_setup_arguments", "run_arm64_setup"]
@@ -61,13 +62,13 @@ def run_arm64_setup(args: argparse.Namespace) -> int:
     try:
         state = arm64_setup.setup(args.cache, say=say, install_qemu=not args.no_install, mirror=args.mirror)
     except arm64_setup.SetupError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error("arm64-setup", exc)
         return 1
     except KeyboardInterrupt:
-        print("error: interrupted (finished steps are kept; rerun to continue)", file=sys.stderr)
+        print_error("arm64-setup", "interrupted (finished steps are kept; rerun to continue)")
         return 130
     if not state.ready:  # pragma: no cover - setup ends with a smoke test
-        print(f"error: {state.reason}", file=sys.stderr)
+        print_error("arm64-setup", state.reason)
         return 1
     print(f"ready in {time.perf_counter() - t0:.1f} s: onnx-lowrank bench ORIGINAL COMPRESSED --arm64"
           + ("" if args.cache is None else f" --arm64-cache {state.cache}"))
