@@ -65,9 +65,6 @@ class GatherCandidate(Candidate):
         flat = flat[(flat >= 0) & (flat < rows)]  # out of range fails in onnxruntime anyway
         return np.bincount(flat, minlength=rows).astype(np.float64)
 
-    def features(self, activation: np.ndarray) -> np.ndarray:
-        raise TypeError("a lookup's statistic is its row counts (row_counts), not feature rows")
-
     def rewrite(self, ctx: GraphContext, factors, names: dict[str, str]) -> Rewrite:
         inits = self.factor_initializers(ctx, {"a": factors.a, "b": factors.b}, names)
         hidden = ctx.unique(f"{self.label}/lowrank_hidden")
