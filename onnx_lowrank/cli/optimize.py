@@ -343,7 +343,7 @@ def _check(args: argparse.Namespace) -> dict[str, Any]:
     """Accuracy of OUT against IN on real (``--inputs``) or generated inputs."""
     from onnx_lowrank.measure.accuracy import compare_models, max_error
     from onnx_lowrank.measure.errors import HarnessError, InputError
-    from onnx_lowrank.measure.inputs import GENERATED_CAUTION, load_inputs, make_inputs, parse_shapes
+    from onnx_lowrank.measure.inputs import GENERATED_CAUTION, load_inputs, make_inputs, num_samples, parse_shapes
 
     try:
         if args.inputs:
@@ -357,7 +357,8 @@ def _check(args: argparse.Namespace) -> dict[str, Any]:
     except HarnessError as exc:
         raise ModelError(str(exc)) from None
     return {
-        "inputs": args.inputs or f"{args.samples} generated samples (seed {args.seed}; {GENERATED_CAUTION})",
+        "inputs": (f"{num_samples(inputs)} real samples from {args.inputs}" if args.inputs else
+                   f"{args.samples} generated samples (seed {args.seed}; {GENERATED_CAUTION})"),
         "accuracy": accuracy,
         "max_rel_l2": max_error(accuracy),
         "max_error": args.check_max_error,
